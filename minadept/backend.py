@@ -1,0 +1,41 @@
+"""NumPy vs Cython kernel selection (``MINADEPT_BACKEND=auto|numpy|fast``).
+
+``auto`` uses the compiled extension when it imports, else NumPy; ``fast`` without the extension
+is an error, never a silent fallback; ``numpy`` forces the pure path.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import MinadeptError
+
+
+def _load_fast():
+    try:
+        from . import _fast_kernels  # type: ignore[attr-defined]
+        return _fast_kernels
+    except ImportError:
+        return None
+
+
+def select(requested: str | None = None):
+    """Return (name, module or None). Raises MinadeptError for an unknown value or ``fast``
+    when the extension is not built."""
+    want = (requested or os.environ.get("MINADEPT_BACKEND") or "auto").lower()
+    if want not in ("auto", "numpy", "fast"):
+        raise MinadeptError(f"MINADEPT_BACKEND must be auto, numpy or fast, got {want!r}")
+    if want == "numpy":
+        return "numpy", None
+    fast = _load_fast()
+    if fast is None and want == "fast":
+        raise MinadeptError("MINADEPT_BACKEND=fast but the compiled extension minadept._fast_kernels "
+                            "is not built (reinstall with pip install -e . and a C compiler)")
+    return ("fast", fast) if fast is not None else ("numpy", None)
+
+
+NAME, KERNELS = "numpy", None
+
+
+def active() -> str:
+    """The backend in use: "numpy" or "fast"."""
+    return NAME

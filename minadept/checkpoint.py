@@ -1,0 +1,235 @@
+"""Find a GPT-2 model (directory, Hugging Face id, or the embedded default) and read its weights.
+
+Handles the variations real HF checkpoints show: keys with or without the ``transformer.`` prefix,
+``attn.bias`` / ``attn.masked_bias`` buffers present or not, ``lm_head.weight`` present or tied to
+``wte``, fp32 / fp16 tensors (bf16 converted exactly), and sharded files
+(``model.safetensors.index.json``). Every tensor's shape is checked against the config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import GPT2Config
+from .errors import MinadeptError
+
+DEFAULT_MODEL_NAME = "minigpt2-stories"
+_HUB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
+_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "vocab.json", "merges.txt"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Weights of one transformer block ``h.<i>`` (Conv1D weights ``[in, out]``)."""
+    ln_1_g: np.ndarray            # [C]
+    ln_1_b: np.ndarray            # [C]
+    c_attn_w: np.ndarray          # [C, 3C]  (q | k | v columns)
+    c_attn_b: np.ndarray          # [3C]
+    attn_c_proj_w: np.ndarray     # [C, C]
+    attn_c_proj_b: np.ndarray     # [C]
+    ln_2_g: np.ndarray            # [C]
+    ln_2_b: np.ndarray            # [C]
+    c_fc_w: np.ndarray            # [C, 4C]
+    c_fc_b: np.ndarray            # [4C]
+    mlp_c_proj_w: np.ndarray      # [4C, C]
+    mlp_c_proj_b: np.ndarray      # [C]
+
+
+@dataclass(frozen=True)
+class Params:
+    """All GPT-2 weights, float32 C-contiguous. ``lm_head`` is ``wte`` itself when tied."""
+    wte: np.ndarray               # [V, C]
+    wpe: np.ndarray               # [n_positions, C]
+    h: tuple                      # n_layer x Block
+    ln_f_g: np.ndarray            # [C]
+    ln_f_b: np.ndarray            # [C]
+    lm_head: np.ndarray           # [V, C]
+
+
+# HF tensor name suffix -> (Block field, shape as a function of C)
+_BLOCK_TENSORS = {
+    "ln_1.weight": ("ln_1_g", lambda C: (C,)),
+    "ln_1.bias": ("ln_1_b", lambda C: (C,)),
+    "attn.c_attn.weight": ("c_attn_w", lambda C: (C, 3 * C)),
+    "attn.c_attn.bias": ("c_attn_b", lambda C: (3 * C,)),
+    "attn.c_proj.weight": ("attn_c_proj_w", lambda C: (C, C)),
+    "attn.c_proj.bias": ("attn_c_proj_b", lambda C: (C,)),
+    "ln_2.weight": ("ln_2_g", lambda C: (C,)),
+    "ln_2.bias": ("ln_2_b", lambda C: (C,)),
+    "mlp.c_fc.weight": ("c_fc_w", lambda C: (C, 4 * C)),
+    "mlp.c_fc.bias": ("c_fc_b", lambda C: (4 * C,)),
+    "mlp.c_proj.weight": ("mlp_c_proj_w", lambda C: (4 * C, C)),
+    "mlp.c_proj.bias": ("mlp_c_proj_b", lambda C: (C,)),
+}
+
+
+# ----------------------------------------------------------------------------- finding a model
+
+def default_model_dir() -> Path:
+    """The embedded default model shipped in ``weights/`` (package ``minadept.weights``)."""
+    env = os.environ.get("MINADEPT_DEFAULT_MODEL")
+    if env:
+        return Path(env)
+    from importlib.resources import files
+    return Path(str(files("minadept.weights") / DEFAULT_MODEL_NAME))
+
+
+def resolve_model(source: str | os.PathLike | None) -> Path:
+    """Return a local directory for ``source``: None (embedded default), a directory, or a
+    Hugging Face model id (``gpt2``, ``distilgpt2``, ``openai-community/gpt2-medium`` ...)
+    fetched with ``huggingface_hub`` when installed and online.
+
+    Raises MinadeptError when the directory is missing or the id cannot be resolved.
+    """
+    if source is None:
+        path = default_model_dir()
+        if not (path / "config.json").is_file():
+            raise MinadeptError(f"the embedded default model is missing at {path}; pass --model DIR")
+        return path
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists():
+        raise MinadeptError(f"model path is not a directory: {source}")
+    if not _HUB_ID.match(text):
+        raise MinadeptError(f"model directory not found: {source}")
+    return _from_hub(text)
+
+
+def _from_hub(repo_id: str) -> Path:
+    how = (f"download config.json, model.safetensors and tokenizer.json (or vocab.json + merges.txt) "
+           f"of {repo_id!r} into a directory and pass --model DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MinadeptError(f"model {repo_id!r} is not a local directory and huggingface_hub is not "
+                            f"installed (pip install 'minadept[hub]'), or {how}") from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown id, gated repo: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinadeptError(f"cannot fetch model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+                            f"{reason[:160]}); check the id and your connection, or {how}") from None
+
+
+# ----------------------------------------------------------------------------- reading tensors
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MinadeptError(f"{index} is not a valid safetensors index ({e})") from None
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise MinadeptError(f"no model.safetensors (or model.safetensors.index.json) in {model_dir}")
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> float32 exactly: bf16 is the top half of an fp32."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MinadeptError(f"missing weights file {path}")
+    out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                try:
+                    out[key] = f.get_tensor(key)
+                except (SafetensorError, TypeError, ValueError) as e:
+                    if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
+                        out[key] = _read_bf16(path, key)
+                    else:
+                        raise
+    except SafetensorError as e:
+        raise MinadeptError(f"{path} is not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise MinadeptError(f"cannot read {path} ({e})") from None
+    return out
+
+
+def _read_bf16(path: Path, key: str) -> np.ndarray:
+    """Read one BF16 tensor from a safetensors file by its header offsets (NumPy has no bf16)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        info = header[key]
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        raw = np.frombuffer(f.read(end - start), dtype="<u2")
+    if raw.size != int(np.prod(info["shape"])):
+        raise MinadeptError(f"{path}: tensor {key} is truncated")
+    return _bf16_to_f32(raw).reshape(info["shape"])
+
+
+def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint, keys with any ``transformer.`` prefix stripped."""
+    tensors: dict[str, np.ndarray] = {}
+    for path in _safetensor_files(model_dir):
+        for key, value in _read_file(path).items():
+            tensors[key.removeprefix("transformer.")] = value
+    return tensors
+
+
+def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
+    if name not in tensors:
+        raise MinadeptError(f"weights: missing tensor {name} (expected shape {list(shape)})")
+    t = tensors[name]
+    if tuple(t.shape) != tuple(shape):
+        raise MinadeptError(f"weights: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    if t.dtype.kind != "f":
+        raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected a float type")
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config) -> Params:
+    """Check every tensor against ``config`` and assemble float32 Params.
+
+    Raises MinadeptError naming the tensor, the expected and the found shape.
+    """
+    C, V = config.n_embd, config.vocab_size
+    wte = _take(tensors, "wte.weight", (V, C))
+    wpe = _take(tensors, "wpe.weight", (config.n_positions, C))
+    blocks = []
+    for i in range(config.n_layer):
+        fields = {field: _take(tensors, f"h.{i}.{suffix}", shape(C))
+                  for suffix, (field, shape) in _BLOCK_TENSORS.items()}
+        blocks.append(Block(**fields))
+    extra = sorted(k for k in tensors if k.startswith("h.") and int(k.split(".")[1]) >= config.n_layer)
+    if extra:
+        raise MinadeptError(f"weights: tensor {extra[0]} is beyond n_layer={config.n_layer}")
+    if "lm_head.weight" in tensors and not config.tie_word_embeddings:
+        lm_head = _take(tensors, "lm_head.weight", (V, C))
+    elif "lm_head.weight" in tensors:
+        lm_head = _take(tensors, "lm_head.weight", (V, C))
+        lm_head = wte if np.array_equal(lm_head, wte) else lm_head
+    elif config.tie_word_embeddings:
+        lm_head = wte
+    else:
+        raise MinadeptError(f"weights: missing tensor lm_head.weight (expected shape {[V, C]})")
+    return Params(wte=wte, wpe=wpe, h=tuple(blocks),
+                  ln_f_g=_take(tensors, "ln_f.weight", (C,)), ln_f_b=_take(tensors, "ln_f.bias", (C,)),
+                  lm_head=lm_head)
+
+
+def load_params(model_dir: Path, config: GPT2Config) -> Params:
+    """Read and check the safetensors weights of ``model_dir`` (see module docstring)."""
+    return params_from_tensors(read_tensors(model_dir), config)

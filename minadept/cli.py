@@ -1,0 +1,267 @@
+"""Command line: ``minadept generate | eval | dump | info`` (also ``python -m minadept``).
+
+Errors are one line on stderr (``error: ...``) and exit status 2 (bad usage) or 1 (bad input).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from .errors import MinadeptError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise MinadeptError(f"{self.prog}: {message}")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_model(p):
+    p.add_argument("--model", default=None,
+                   help="model directory or Hugging Face id (default: the embedded minigpt2-stories)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
+
+
+def _add_policy(p):
+    g = p.add_argument_group("early exit (ADEPT engine)")
+    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation, adept")
+    g.add_argument("--threshold", type=_float, default=None, help="exit when score > threshold (0..1)")
+    g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
+    g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
+    g.add_argument("--schedule", default="constant", help="threshold schedule: constant or decay (CALM)")
+    g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop, oracle")
+    g.add_argument("--kv-fill", default="eager", help="eager or lazy (lazy only with --kv propagate)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="minadept", description="NumPy GPT-2 with ADEPT token-level early exit.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="stream a completion of PROMPT")
+    g.add_argument("prompt", help="prompt text, or - to read stdin")
+    _add_model(g)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the K most likely (default 40)")
+    g.add_argument("--top-p", type=_float, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--json", action="store_true", help="last stderr line is a JSON summary")
+    g.add_argument("--show-exits", action="store_true", help="mark each token with its exit layer")
+    _add_policy(g)
+
+    e = sub.add_parser("eval", help="perplexity (and early-exit quality/compute) on a text file")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    _add_model(e)
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+    e.add_argument("--sweep", action="store_true", help="sweep thresholds of every training-free policy")
+    e.add_argument("--plot", default=None, help="with --sweep: write quality vs compute to this PNG")
+    _add_policy(e)
+
+    d = sub.add_parser("dump", help="write a reference .npz (see README: dump format)")
+    _add_model(d)
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--out", required=True)
+    _add_policy(d)
+
+    i = sub.add_parser("info", help="version, default model, BLAS, backend")
+    i.add_argument("--model", default=None)
+    return p
+
+
+def _threads(n):
+    if n is None:
+        return None
+    if n < 1:
+        raise MinadeptError(f"--threads must be >= 1, got {n}")
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=n)
+
+
+def _engine(args, model):
+    from .engine import Engine
+    from .exits.policies import make_policy
+    policy = make_policy(args.exit, model.config, threshold=args.threshold, exit_layer=args.exit_layer,
+                         min_exit_layer=args.min_exit_layer, schedule=args.schedule,
+                         horizon=getattr(args, "max_new_tokens", 128) or 128, model_dir=model.path)
+    exit_mapper = kv_mapper = None
+    if args.exit == "adept":
+        exit_mapper, kv_mapper = policy.mappers()
+    return Engine(model, policy, kv=args.kv, fill=args.kv_fill, exit_mapper=exit_mapper, kv_mapper=kv_mapper)
+
+
+def _check_policy_args(args):
+    """Catch impossible combinations before loading anything."""
+    if args.kv_fill == "lazy" and args.kv != "propagate":
+        raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {args.kv}")
+
+
+# ----------------------------------------------------------------------------- generate
+
+_COLOURS = [46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196, 160]
+
+
+def _mark(piece: str, layers: list[int], n_layer: int, tty: bool) -> str:
+    if not tty:
+        return f"{piece}[{','.join(map(str, layers))}]"
+    c = _COLOURS[min(len(_COLOURS) - 1, (max(layers) - 1) * len(_COLOURS) // n_layer)]
+    return f"\x1b[38;5;{c}m{piece}\x1b[0m"
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    from .generate import Generation, generate
+    from .model import Model
+    from .sampling import SamplingSettings
+
+    sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.max_new_tokens < 0:
+        raise MinadeptError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    _check_policy_args(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = Model.load(args.model)
+    engine = _engine(args, model)
+    tok = model.tokenizer
+    ids = tok.encode(prompt)
+    state = Generation(prompt_ids=ids)
+    rng = np.random.default_rng(args.seed)
+    out, tty = sys.stdout, sys.stdout.isatty()
+    stream = tok.stream()
+    L = model.config.n_layer
+    pending: list[int] = []
+    t0 = time.perf_counter()
+    t_prefill = None
+    for step in generate(engine, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng,
+                         eot_id=tok.eot_id, state=state):
+        if t_prefill is None:
+            t_prefill = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        pending.append(int(step.result.exit_layers[-1]))
+        piece = stream.step(step.token)
+        if piece:
+            out.write(_mark(piece, pending, L, tty) if args.show_exits else piece)
+            out.flush()
+            pending = []
+    t_decode = time.perf_counter() - t1 if t_prefill is not None else 0.0
+    rest = stream.finish()
+    if rest or pending:
+        out.write(_mark(rest, pending, L, tty) if args.show_exits and pending else rest)
+    out.write("\n")
+    out.flush()
+    if state.stop_reason == "context_full":
+        print(f"stopped: the context is full ({model.config.n_positions} tokens, n_positions)", file=sys.stderr)
+    _summary(args, state, t_prefill, t_decode)
+    return 0
+
+
+def _summary(args, state, t_prefill, t_decode):
+    results = ([state.prompt_result] if state.prompt_result else []) + state.decode_results
+    n_decode = len(state.decode_results)
+    exit_layers = [int(r.exit_layers[-1]) for r in results]
+    total = sum(r.total_flops for r in results)
+    full = sum(r.full_flops for r in results)
+    s = {
+        "prompt_tokens": len(state.prompt_ids),
+        "new_tokens": len(state.tokens),
+        "prefill_tokens_per_s": round(len(state.prompt_ids) / t_prefill, 2) if t_prefill else None,
+        "decode_tokens_per_s": round(n_decode / t_decode, 2) if n_decode and t_decode > 0 else None,
+        "stop_reason": state.stop_reason,
+        "mean_exit_layer": round(sum(exit_layers) / len(exit_layers), 3) if exit_layers else None,
+        "compute_fraction": round(total / full, 4) if full else None,
+        "exit_layers": exit_layers,
+    }
+    if state.prompt_result is not None:
+        s["prompt_exit_layers"] = [int(x) for x in state.prompt_result.exit_layers]
+    if args.json:
+        print(json.dumps(s), file=sys.stderr)
+        return
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
+    line = (f"prompt tokens {s['prompt_tokens']}, new tokens {s['new_tokens']}, "
+            f"prefill {fmt(s['prefill_tokens_per_s'])} tokens/s, decode {fmt(s['decode_tokens_per_s'])} tokens/s")
+    if args.exit != "none" and exit_layers:
+        line += f", mean exit layer {s['mean_exit_layer']:.2f}, compute {s['compute_fraction']:.3f} of full depth"
+    print(line, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- other commands
+
+def cmd_info(args) -> int:
+    from threadpoolctl import threadpool_info
+
+    from . import __version__, backend
+    from .checkpoint import default_model_dir
+    print(f"minadept {__version__}")
+    d = default_model_dir()
+    print(f"default model: {d}{'' if (d / 'config.json').is_file() else ' (missing)'}")
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            print(f"blas: {pool.get('internal_api')} {pool.get('version')} ({pool.get('filepath')}), "
+                  f"threads {pool.get('num_threads')}")
+    print(f"backend: {backend.active()}")
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from .dump import write_dump
+    from .model import Model
+    _check_policy_args(args)
+    model = Model.load(args.model)
+    engine = _engine(args, model)
+    write_dump(engine, args.prompt, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval_command
+    _check_policy_args(args)
+    return run_eval_command(args, _engine)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise MinadeptError("missing command (generate, eval, dump or info); see minadept --help")
+        from . import backend
+        backend.NAME, backend.KERNELS = backend.select()
+        limits = _threads(getattr(args, "threads", None))
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            if limits is not None:
+                limits.unregister() if hasattr(limits, "unregister") else None
+    except MinadeptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if str(e).startswith("minadept") else 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

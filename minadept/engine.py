@@ -1,0 +1,225 @@
+"""One engine for the plain model and every exit policy: prefill and decode with token-level exits.
+
+``Engine.forward(ids, cache)`` runs the tokens ``ids`` at positions ``cache.length ...`` through the
+blocks layer by layer. Only still-active tokens are computed at each layer (their q/k/v, attention
+over all earlier positions, MLP); after block k an exit policy may retire some of them, and their
+K/V at deeper layers comes from propagation (eager, lazy, or the ``oracle`` ablation that runs the
+skipped blocks for real). Prefill (many tokens) and decode (one token) are the same call. With the
+``none`` policy nothing exits and this *is* the plain GPT-2 forward.
+
+Accounting is returned as data (FLOPs per token by kind); callers measure wall time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import model as M
+from .cache import KVCache
+from .errors import MinadeptError
+from .exits.policies import ExitState, NoExit, Policy
+from .exits.propagate import propagate_kv, propagate_kv_loop, propagate_kv_mapped, write_propagated
+from .flops import block_flops, full_forward_flops, head_flops, kv_layer_flops
+
+KV_MODES = ("propagate", "propagate-loop", "oracle")
+FILL_MODES = ("eager", "lazy")
+
+
+@dataclass
+class ForwardResult:
+    """What one ``Engine.forward`` call produced. T = tokens in the call, P = predicted tokens."""
+    logits: np.ndarray            # [P, V] float32: all T tokens (all_logits) or the last one
+    exit_layers: np.ndarray       # [T] int, 1..n_layer (n_layer = full depth)
+    block_flops: np.ndarray       # [T] int64: blocks run for the token
+    check_flops: np.ndarray       # [T] int64: exit checks for the token
+    head_flops: np.ndarray        # [T] int64: LM head for its prediction (0 if not predicted or
+                                  #            reused from a check)
+    propagation_flops: int        # K/V propagation done during this call (eager or lazy fills)
+    full_flops: int               # full depth, same tokens and predictions
+    hidden: np.ndarray | None = None   # [n_layer+1, T, C] if record_hidden (exited rows frozen)
+
+    @property
+    def total_flops(self) -> int:
+        return int(self.block_flops.sum() + self.check_flops.sum() + self.head_flops.sum()
+                   + self.propagation_flops)
+
+
+class Engine:
+    """Runs a ``Model`` under an exit ``policy`` with a KV mode for skipped layers.
+
+    kv: ``propagate`` (batched, decoupled), ``propagate-loop`` (its per-layer twin) or ``oracle``
+    (run the skipped blocks to get true K/V; CALM's upper bound). fill: ``eager`` (propagate at
+    exit) or ``lazy`` (fill layer l's pending K/V when a later token reaches layer l; only with
+    ``propagate``). ``exit_mapper(k, h) -> h'`` and ``kv_mapper(k, h, layers) -> [M, N, C]`` are
+    hooks for learned hidden-state maps; None is the identity.
+
+    Raises MinadeptError for an unknown mode or an impossible combination.
+    """
+
+    def __init__(self, model: M.Model, policy: Policy | None = None, *, kv: str = "propagate",
+                 fill: str = "eager", exit_mapper=None, kv_mapper=None):
+        if kv not in KV_MODES:
+            raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
+        if fill not in FILL_MODES:
+            raise MinadeptError(f"unknown --kv-fill {fill!r} (expected eager or lazy)")
+        if fill == "lazy" and kv != "propagate":
+            raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {kv}")
+        self.model, self.config = model, model.config
+        self.policy = policy or NoExit()
+        self.kv, self.fill = kv, fill
+        self.exit_mapper, self.kv_mapper = exit_mapper, kv_mapper
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config)
+
+    # -- predictions ------------------------------------------------------------------------
+    def predict(self, h: np.ndarray, layer: int) -> np.ndarray:
+        """Exit prediction of states h [N, C] taken after block ``layer``: LM head of
+        ``ln_f(mapper(h))`` -> [N, V]. At the last layer (or with no mapper) ln_f(h) exactly."""
+        if self.exit_mapper is not None and layer < self.config.n_layer:
+            h = self.exit_mapper(layer, h)
+        return M.lm_head(self.model.params, M.final_norm(self.model.params, h, self.config))
+
+    # -- propagation ------------------------------------------------------------------------
+    def _propagate(self, cache: KVCache, h: np.ndarray, positions: np.ndarray, exit_layer: int) -> int:
+        """Fill blocks exit_layer+1..n_layer for tokens exiting with states h [N, C]; FLOPs spent."""
+        L = self.config.n_layer
+        layers = np.arange(exit_layer, L)          # 0-based indices of blocks exit_layer+1..L
+        if layers.size == 0 or h.shape[0] == 0:
+            return 0
+        if self.fill == "lazy":
+            cache.pending[layers[:, None], positions[None, :]] = True
+            cache.exit_state[positions] = h
+            cache.exit_at[positions] = exit_layer
+            return 0
+        if self.kv_mapper is not None:
+            kv = propagate_kv_mapped(self.model, self.kv_mapper(exit_layer, h, layers), layers)
+        elif self.kv == "propagate-loop":
+            kv = propagate_kv_loop(self.model, h, layers)
+        else:
+            kv = propagate_kv(self.model, h, layers)
+        write_propagated(cache, layers, positions, kv)
+        return int(layers.size * h.shape[0] * kv_layer_flops(self.config))
+
+    def fill_pending(self, cache: KVCache, layer: int, end: int) -> int:
+        """Lazy fill: compute block ``layer+1``'s pending K/V for positions < end in one product."""
+        idx = np.flatnonzero(cache.pending[layer, :end])
+        if idx.size == 0:
+            return 0
+        layers = np.array([layer])
+        if self.kv_mapper is not None:
+            kv = np.empty((1, 2, self.config.n_head, idx.size, self.config.head_dim), np.float32)
+            for k in np.unique(cache.exit_at[idx]):
+                sel = cache.exit_at[idx] == k
+                kv[:, :, :, sel] = propagate_kv_mapped(
+                    self.model, self.kv_mapper(int(k), cache.exit_state[idx[sel]], layers), layers)
+        else:
+            kv = propagate_kv(self.model, cache.exit_state[idx], layers)
+        write_propagated(cache, layers, idx, kv)
+        cache.pending[layer, idx] = False
+        return int(idx.size * kv_layer_flops(self.config))
+
+    def flush(self, cache: KVCache) -> int:
+        """Fill every pending entry (before dumping or comparing caches). Returns FLOPs spent."""
+        return sum(self.fill_pending(cache, l, cache.length) for l in range(self.config.n_layer))
+
+    # -- the forward pass --------------------------------------------------------------------
+    def forward(self, ids, cache: KVCache, *, all_logits: bool = False, step: int = 0,
+                record_hidden: bool = False) -> ForwardResult:
+        """Run ``ids`` [T] (int) at positions cache.length..cache.length+T-1 and advance the cache.
+
+        ``all_logits``: predict every token (evaluation), else only the last (generation).
+        ``step``: generated-token index passed to threshold schedules (0 for the prompt).
+        Raises MinadeptError if the tokens do not fit in the cache or an id is out of range.
+        """
+        cfg, params, L = self.config, self.model.params, self.config.n_layer
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        T, p0 = len(ids), cache.length
+        end = p0 + T
+        if T == 0:
+            raise MinadeptError("no tokens to run")
+        if end > cache.n_ctx:
+            raise MinadeptError(f"{end} tokens do not fit in the context of {cache.n_ctx} (n_positions)")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise MinadeptError(f"token id out of range [0, {cfg.vocab_size})")
+        pos = np.arange(p0, end)
+        h = M.embed(params, ids, pos)                                       # [T, C]
+        h_exit = np.empty_like(h)
+        exit_layers = np.full(T, L, dtype=np.int64)
+        blocks_f = np.zeros(T, dtype=np.int64)
+        checks_f = np.zeros(T, dtype=np.int64)
+        prop_f = 0
+        active = np.arange(T)
+        everyone = active
+        check_logits: dict[int, np.ndarray] = {}
+        oracle, checking = self.kv == "oracle", not isinstance(self.policy, NoExit)
+        hidden = np.empty((L + 1, T, cfg.n_embd), np.float32) if record_hidden else None
+        if record_hidden:
+            hidden[0] = h
+
+        for l, blk in enumerate(params.h):
+            run = everyone if oracle else active
+            if run.size == 0:
+                break
+            if self.fill == "lazy":
+                prop_f += self.fill_pending(cache, l, end)
+            x = h[run] if run.size < T else h
+            q, k, v = M.qkv(blk, x, cfg)                                    # [H, R, D] each
+            M.write_kv(cache.kv[l], pos[run], k, v)
+            x_new = M.block_rest(blk, x, q, cache.keys(l, end), cache.values(l, end), pos[run], cfg)
+            cost = block_flops(cfg, pos[run] + 1)
+            if oracle and active.size < T:
+                is_active = np.zeros(T, bool)
+                is_active[active] = True
+                blocks_f[active] += cost[is_active]
+                prop_f += int(cost[~is_active].sum())
+            else:
+                blocks_f[run] += cost
+            if run.size < T:
+                h[run] = x_new
+            else:
+                h = x_new
+            if record_hidden:
+                hidden[l + 1] = h
+
+            layer = l + 1
+            if not checking or layer >= L or layer < self.policy.min_exit_layer or active.size == 0:
+                continue
+            r = active if oracle else slice(None)   # rows of this layer's arrays for active tokens
+            state = ExitState(layer=layer, h=x_new[r], h_prev=x[r], q=q[:, r], k=k[:, r], v=v[:, r],
+                              positions=pos[active], step=step,
+                              predict=lambda hh, _l=layer: self.predict(hh, _l))
+            mask, logits = self.policy.decide(state)
+            checks_f[active] += self.policy.check_flops(cfg)
+            if not mask.any():
+                continue
+            out = active[mask]
+            exit_layers[out] = layer
+            h_exit[out] = h[out]
+            if logits is not None:
+                for i, row in zip(np.flatnonzero(mask), out):
+                    if all_logits or row == T - 1:
+                        check_logits[int(row)] = logits[i]
+            if not oracle:
+                prop_f += self._propagate(cache, h[out], pos[out], layer)
+            active = active[~mask]
+
+        h_exit[active] = h[active]
+        cache.length = end
+        rows = np.arange(T) if all_logits else np.array([T - 1])
+        logits = np.empty((len(rows), cfg.vocab_size), np.float32)
+        head_f = np.zeros(T, dtype=np.int64)
+        todo = [i for i, r in enumerate(rows) if int(r) not in check_logits]
+        for i, r in enumerate(rows):
+            if int(r) in check_logits:
+                logits[i] = check_logits[int(r)]
+        if todo:
+            todo_rows = rows[todo]
+            for k in np.unique(exit_layers[todo_rows]):
+                sel = exit_layers[todo_rows] == k
+                logits[np.asarray(todo)[sel]] = self.predict(h_exit[todo_rows[sel]], int(k))
+            head_f[todo_rows] = head_flops(cfg)
+        return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,
+                             check_flops=checks_f, head_flops=head_f, propagation_flops=prop_f,
+                             full_flops=full_forward_flops(cfg, T, len(rows), start=p0), hidden=hidden)

@@ -1,0 +1,216 @@
+"""Exit policies: given the state of each still-active token after block k, Continue or Exit.
+
+A policy scores tokens (a measure) and compares the score with a threshold from a schedule: a token
+exits when ``score > threshold`` (strictly), so threshold 1 never exits for the probability and
+cosine measures. Policies return decisions as arrays and keep no timing or logging.
+
+Measures (CALM, Schuster et al. 2022, section 3.5): ``confidence`` (softmax top-1 of the exit
+prediction), ``margin`` (top-1 minus top-2), ``saturation`` (cosine of h_k and h_{k-1}).
+Baselines: ``none`` (full depth), ``fixed`` (every token exits at layer K). The learned ADEPT
+policy plugs in through the same ``decide`` interface.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..config import GPT2Config
+from ..errors import MinadeptError
+from ..flops import head_flops
+
+
+@dataclass
+class ExitState:
+    """State s = (h, q, k, v) of the A still-active tokens after block ``layer`` (1-based)."""
+    layer: int                     # k in 1..n_layer-1
+    h: np.ndarray                  # [A, C] h_k
+    h_prev: np.ndarray             # [A, C] h_{k-1}
+    q: np.ndarray                  # [H, A, D] this block's queries
+    k: np.ndarray                  # [H, A, D] keys
+    v: np.ndarray                  # [H, A, D] values
+    positions: np.ndarray          # [A] absolute positions
+    step: int                      # generated-token index (0 for the prompt), for schedules
+    predict: Callable              # h [A, C] -> exit logits [A, V] (ln_f, mapper, LM head)
+
+
+# ----------------------------------------------------------------------------- threshold schedules
+
+@dataclass(frozen=True)
+class Constant:
+    """The same threshold at every position."""
+    tau: float
+
+    def __call__(self, step: int) -> float:
+        return self.tau
+
+
+@dataclass(frozen=True)
+class Decay:
+    """CALM's decaying threshold (Schuster et al. 2022, eq. 5):
+    ``clip(0.9 tau + 0.1 exp(-temperature * step / horizon), 0, 1)`` over generated position."""
+    tau: float
+    horizon: int = 128
+    temperature: float = 4.0
+
+    def __call__(self, step: int) -> float:
+        t = 0.9 * self.tau + 0.1 * math.exp(-self.temperature * step / max(1, self.horizon))
+        return min(1.0, max(0.0, t))
+
+
+# ----------------------------------------------------------------------------- policies
+
+class Policy:
+    """Base class. ``decide`` returns (exit mask [A] bool, exit logits [A, V] or None)."""
+    name = "base"
+    uses_head = False          # the measure needs the exit prediction (an LM-head matmul)
+    min_exit_layer = 1
+
+    def decide(self, state: ExitState):
+        raise NotImplementedError
+
+    def check_flops(self, config: GPT2Config) -> int:
+        """FLOPs of one exit check for one token."""
+        return 0
+
+    def settings(self) -> dict:
+        return {"exit": self.name, "min_exit_layer": self.min_exit_layer}
+
+
+class NoExit(Policy):
+    """Full depth: never exits (``--exit none``)."""
+    name = "none"
+
+    def decide(self, state):
+        return np.zeros(len(state.h), dtype=bool), None
+
+
+class Fixed(Policy):
+    """Every token exits at layer ``exit_layer`` (``--exit fixed --exit-layer K``)."""
+    name = "fixed"
+
+    def __init__(self, exit_layer: int):
+        self.exit_layer = exit_layer
+
+    def decide(self, state):
+        return np.full(len(state.h), state.layer == self.exit_layer), None
+
+    def settings(self):
+        return {"exit": self.name, "exit_layer": self.exit_layer}
+
+
+class ThresholdPolicy(Policy):
+    """score(state) > schedule(step) -> Exit."""
+
+    def __init__(self, schedule, min_exit_layer: int = 1):
+        self.schedule = schedule
+        self.min_exit_layer = min_exit_layer
+
+    def score(self, state: ExitState):
+        """(score [A] float, logits [A, V] or None)."""
+        raise NotImplementedError
+
+    def decide(self, state):
+        score, logits = self.score(state)
+        return score > self.schedule(state.step), logits
+
+    def settings(self):
+        s = {"exit": self.name, "min_exit_layer": self.min_exit_layer, "threshold": self.schedule.tau}
+        if isinstance(self.schedule, Decay):
+            s.update(schedule="decay", horizon=self.schedule.horizon, temperature=self.schedule.temperature)
+        return s
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Confidence(ThresholdPolicy):
+    """Softmax top-1 probability of the exit prediction (CALM 'softmax response')."""
+    name = "confidence"
+    uses_head = True
+
+    def score(self, state):
+        logits = state.predict(state.h)
+        return _probs(logits).max(axis=-1), logits
+
+    def check_flops(self, config):
+        return head_flops(config)
+
+
+class Margin(ThresholdPolicy):
+    """Top-1 minus top-2 softmax probability of the exit prediction (CALM)."""
+    name = "margin"
+    uses_head = True
+
+    def score(self, state):
+        logits = state.predict(state.h)
+        p = _probs(logits)
+        top2 = np.partition(p, -2, axis=-1)[:, -2:]
+        return top2[:, 1] - top2[:, 0], logits
+
+    def check_flops(self, config):
+        return head_flops(config)
+
+
+class Saturation(ThresholdPolicy):
+    """Cosine similarity of h_k and h_{k-1} (CALM's hidden-state saturation)."""
+    name = "saturation"
+
+    def score(self, state):
+        a, b = state.h, state.h_prev
+        num = np.einsum("ij,ij->i", a, b)
+        den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+        return num / np.maximum(den, np.float32(1e-12)), None
+
+    def check_flops(self, config):
+        return 6 * config.n_embd
+
+
+POLICIES = {"none": NoExit, "fixed": Fixed, "confidence": Confidence, "margin": Margin,
+            "saturation": Saturation}
+_THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
+
+
+def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
+                exit_layer: int | None = None, min_exit_layer: int | None = None,
+                schedule: str = "constant", horizon: int = 128, model_dir=None) -> Policy:
+    """Build a policy from CLI-style settings, checking them against ``config``.
+
+    Raises MinadeptError for an unknown name, tau outside [0, 1], an exit layer outside
+    [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
+    """
+    L = config.n_layer
+    if name == "adept":
+        from .adept import load_adept_policy
+        return load_adept_policy(model_dir, config, threshold=threshold, min_exit_layer=min_exit_layer)
+    if name not in POLICIES:
+        raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)}, adept)")
+    if threshold is not None and not (0.0 <= threshold <= 1.0):   # NaN fails too
+        raise MinadeptError(f"--threshold must be in [0, 1], got {threshold}")
+    if exit_layer is not None and not (1 <= exit_layer <= L):
+        raise MinadeptError(f"--exit-layer must be in [1, {L}] (n_layer), got {exit_layer}")
+    if min_exit_layer is not None and not (1 <= min_exit_layer <= L):
+        raise MinadeptError(f"--min-exit-layer must be in [1, {L}] (n_layer), got {min_exit_layer}")
+    if schedule not in ("constant", "decay"):
+        raise MinadeptError(f"unknown threshold schedule {schedule!r} (expected constant or decay)")
+    if name == "none":
+        for flag, value in (("--threshold", threshold), ("--exit-layer", exit_layer),
+                            ("--min-exit-layer", min_exit_layer)):
+            if value is not None:
+                raise MinadeptError(f"{flag} has no effect with --exit none")
+        return NoExit()
+    if name == "fixed":
+        if exit_layer is None:
+            raise MinadeptError("--exit fixed needs --exit-layer K")
+        if threshold is not None or min_exit_layer is not None:
+            raise MinadeptError("--exit fixed takes --exit-layer only, not --threshold or --min-exit-layer")
+        return Fixed(exit_layer)
+    if exit_layer is not None:
+        raise MinadeptError(f"--exit-layer is for --exit fixed, not --exit {name}")
+    tau = _THRESHOLD_DEFAULTS[name] if threshold is None else threshold
+    sched = Constant(tau) if schedule == "constant" else Decay(tau, horizon=horizon)
+    return POLICIES[name](sched, 1 if min_exit_layer is None else min_exit_layer)

@@ -1,0 +1,83 @@
+"""The generation loop: prefill the prompt, then decode one token at a time.
+
+Yields one ``Step`` per new token with its exit layer and FLOPs, so callers (the CLI, benchmarks)
+can stream, time and report; this module does no printing and no timing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import Engine, ForwardResult
+from .errors import MinadeptError
+from .sampling import SamplingSettings, sample
+
+
+@dataclass
+class Step:
+    """One generated token. ``kind`` is "prefill" for the token predicted by the prompt pass."""
+    token: int
+    kind: str
+    result: ForwardResult          # the forward call that predicted this token
+
+
+@dataclass
+class Generation:
+    """Filled in as the loop runs; ``stop_reason`` is set at the end:
+    "eot", "max_new_tokens" or "context_full"."""
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    prompt_result: ForwardResult | None = None
+    decode_results: list[ForwardResult] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def prepare_prompt(engine: Engine, prompt_ids) -> list[int]:
+    """Empty prompt -> [<|endoftext|>]; a prompt longer than n_positions is an error (before any
+    compute). Raises MinadeptError."""
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        tok = engine.model.tokenizer
+        if tok is None:
+            raise MinadeptError("empty prompt and no tokenizer to supply <|endoftext|>")
+        ids = [tok.eot_id]
+    n = engine.config.n_positions
+    if len(ids) > n:
+        raise MinadeptError(f"prompt is {len(ids)} tokens, longer than the model's context of {n} (n_positions)")
+    return ids
+
+
+def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: SamplingSettings,
+             rng: np.random.Generator, eot_id: int | None = None, state: Generation | None = None):
+    """Generator of ``Step``s: prefill, then decode until ``<|endoftext|>`` (``eot_id``, which is
+    yielded), ``max_new_tokens``, or a full context. Pass ``state`` to read ``stop_reason`` after.
+    Raises MinadeptError for max_new_tokens < 0 or an over-long prompt."""
+    if max_new_tokens < 0:
+        raise MinadeptError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    ids = prepare_prompt(engine, prompt_ids)
+    gen = state if state is not None else Generation(prompt_ids=ids)
+    gen.prompt_ids = ids
+    if max_new_tokens == 0:
+        gen.stop_reason = "max_new_tokens"
+        return
+    cache = engine.new_cache()
+    result = engine.forward(ids, cache)
+    gen.prompt_result = result
+    kind = "prefill"
+    while True:
+        token = sample(result.logits[-1], sampling, rng)
+        gen.tokens.append(token)
+        yield Step(token=token, kind=kind, result=result)
+        if eot_id is not None and token == eot_id:
+            gen.stop_reason = "eot"
+            return
+        if len(gen.tokens) >= max_new_tokens:
+            gen.stop_reason = "max_new_tokens"
+            return
+        if cache.length >= cache.n_ctx:
+            gen.stop_reason = "context_full"
+            return
+        result = engine.forward([token], cache, step=len(gen.tokens))
+        gen.decode_results.append(result)
+        kind = "decode"

@@ -1,0 +1,87 @@
+"""A loaded GPT-2 (config, weights, tokenizer) and its per-block forward pieces."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from . import nn
+from .checkpoint import Block, Params, load_params, resolve_model
+from .config import GPT2Config
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Model:
+    """A GPT-2 ready to run: ``config``, ``params`` (float32), ``tokenizer`` and where it came from."""
+    config: GPT2Config
+    params: Params
+    tokenizer: Tokenizer | None = None
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, source=None, *, tokenizer: bool = True) -> "Model":
+        """Load from a directory, a Hugging Face id, or (None) the embedded default model.
+
+        Raises MinadeptError for a missing directory, missing/corrupt files or shape mismatches.
+        """
+        path = resolve_model(source)
+        config = GPT2Config.from_json(path / "config.json")
+        tok = Tokenizer.from_dir(path) if tokenizer else None
+        params = load_params(path, config)
+        return cls(config=config, params=params, tokenizer=tok, path=path)
+
+    # -- stacked ln_1 / c_attn K,V weights for batched KV propagation (ADEPT engine) --
+    @cached_property
+    def stacked_kv(self):
+        """(ln_1 g [L, C], ln_1 b [L, C], W_kv [L, C, 2C], b_kv [L, 2C]) over all blocks."""
+        C = self.config.n_embd
+        h = self.params.h
+        return (np.stack([b.ln_1_g for b in h]), np.stack([b.ln_1_b for b in h]),
+                np.stack([b.c_attn_w[:, C:] for b in h]), np.stack([b.c_attn_b[C:] for b in h]))
+
+
+def embed(params: Params, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Token plus position embeddings: ids [T], pos [T] -> h_0 [T, C] float32."""
+    return params.wte[ids] + params.wpe[pos]
+
+
+def qkv(blk: Block, x: np.ndarray, config: GPT2Config):
+    """The attention inputs of a block: x [T, C] (residual stream) -> q, k, v [H, T, D]."""
+    a = nn.layer_norm(x, blk.ln_1_g, blk.ln_1_b, config.layer_norm_epsilon)
+    y = nn.linear(a, blk.c_attn_w, blk.c_attn_b)                              # [T, 3C]
+    C = config.n_embd
+    return (nn.split_heads(y[:, :C], config.n_head), nn.split_heads(y[:, C:2 * C], config.n_head),
+            nn.split_heads(y[:, 2 * C:], config.n_head))
+
+
+def write_kv(kv_layer: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    """Store k, v [H, T, D] at positions ``pos`` [T] of one layer's cache [2, H, n_ctx, D]."""
+    if len(pos) and pos[-1] - pos[0] + 1 == len(pos):      # contiguous: a slice, not a gather
+        kv_layer[0, :, pos[0]:pos[-1] + 1] = k
+        kv_layer[1, :, pos[0]:pos[-1] + 1] = v
+    else:
+        kv_layer[0][:, pos] = k
+        kv_layer[1][:, pos] = v
+
+
+def block_rest(blk: Block, x: np.ndarray, q: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               pos: np.ndarray, config: GPT2Config) -> np.ndarray:
+    """The rest of a block once q and the cache are ready: attention over ``keys``/``values``
+    [H, S, D], output projection, residual, MLP, residual. x [T, C] -> [T, C]."""
+    o = nn.merge_heads(nn.attention(q, keys, values, pos))                        # [T, C]
+    x = x + nn.linear(o, blk.attn_c_proj_w, blk.attn_c_proj_b)
+    a = nn.layer_norm(x, blk.ln_2_g, blk.ln_2_b, config.layer_norm_epsilon)
+    return x + nn.mlp(a, blk.c_fc_w, blk.c_fc_b, blk.mlp_c_proj_w, blk.mlp_c_proj_b, config.gelu)
+
+
+def final_norm(params: Params, h: np.ndarray, config: GPT2Config) -> np.ndarray:
+    """``ln_f``: h [T, C] -> [T, C]."""
+    return nn.layer_norm(h, params.ln_f_g, params.ln_f_b, config.layer_norm_epsilon)
+
+
+def lm_head(params: Params, x: np.ndarray) -> np.ndarray:
+    """Logits of already-normalised states: x [T, C] -> [T, V] float32 (tied to wte in GPT-2)."""
+    return x @ params.lm_head.T

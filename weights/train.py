@@ -108,6 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--max-train-bytes", type=int, default=0, help="use only the first N bytes (smoke tests)")
+    p.add_argument("--max-valid-bytes", type=int, default=0, help="use only the first N held-out bytes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = p.parse_args(argv)
@@ -130,7 +131,10 @@ def main(argv=None) -> int:
     if args.max_train_bytes:
         text = text[: args.max_train_bytes]
     train_docs = split_documents(text)
-    valid_docs = split_documents(Path(args.valid).read_text(encoding="utf-8"))
+    valid_text = Path(args.valid).read_text(encoding="utf-8")
+    if args.max_valid_bytes:
+        valid_text = valid_text[: args.max_valid_bytes]
+    valid_docs = split_documents(valid_text)
 
     tok_path = out / "tokenizer.json"
     if args.resume and tok_path.exists():

@@ -1,0 +1,55 @@
+"""Issue 3: a 20-step smoke run of weights/train.py on a small slice of text produces a Hugging Face
+GPT-2 directory that minadept loads and that transformers agrees with."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+@pytest.mark.smoke
+def test_train_smoke_20_steps(tmp_path):
+    if not (CORPUS / "train.txt").is_file():
+        pytest.skip("../shared/corpus not present")
+    out = tmp_path / "m"
+    cmd = [sys.executable, str(ROOT / "weights" / "train.py"), "--train", str(CORPUS / "train.txt"),
+           "--valid", str(CORPUS / "valid.txt"), "--out", str(out), "--steps", "20",
+           "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-positions", "32",
+           "--vocab-size", "300", "--batch-size", "4", "--max-train-bytes", "200000", "--max-valid-bytes", "50000",
+           "--eval-every", "10", "--eval-windows", "4", "--checkpoint-every", "10", "--seed", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_log.json"):
+        assert (out / name).is_file(), name
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["train"]) == 20 and log["tokens_seen"] == 20 * 4 * 32
+    losses = [l for _, l in log["train"]]
+    assert losses[-1] < losses[0], losses                 # it learns something in 20 steps
+    assert [s for s, _ in log["valid"]] == [10, 20]
+
+    # resume: 5 more steps continue from the checkpoint instead of starting over
+    proc = subprocess.run(cmd[:cmd.index("--steps") + 1] + ["25"] + cmd[cmd.index("--steps") + 2:] + ["--resume"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed at step 20" in proc.stderr
+    assert len(json.loads((out / "train_log.json").read_text())["train"]) == 25
+
+    # the output is a model both minadept and transformers read, and they agree
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from minadept.engine import Engine
+    from minadept.model import Model
+    m = Model.load(out)
+    ids = m.tokenizer.encode("Once upon a time there was a little dog.")
+    ours = Engine(m).forward(ids, Engine(m).new_cache(), all_logits=True).logits
+    with torch.no_grad():
+        ref = GPT2LMHeadModel.from_pretrained(out).eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref).max() < 1e-4, np.abs(ours - ref).max()

@@ -1,0 +1,130 @@
+"""Early-exit benchmark on the embedded model (issue 4, must-show 3). Not a test.
+
+In one process, on prompts from ``../shared/corpus/valid.txt``:
+  1. speed: full depth vs ``fixed`` at n_layer/2 with eager and with lazy fill — prefill tokens/s
+     (last-position logits) and greedy decode tokens/s, and their ratios to full depth;
+  2. a sweep of every training-free policy: threshold -> perplexity, top-1 agreement with full
+     depth, mean exit layer, compute fraction (``minadept eval`` protocol on a slice of valid.txt),
+     and prefill / decode tokens/s relative to full depth.
+Writes ``bench/results/exits_sweep.{md,json,png}``.
+
+    python bench/bench_exits.py [--eval-tokens 16384] [--prompts 6] [--prompt-tokens 64]
+                                [--new-tokens 64] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from minadept.engine import Engine
+from minadept.evaluate import evaluate, reference_top1, sweep_settings
+from minadept.exits.policies import make_policy
+from minadept.model import Model
+
+ROOT = Path(__file__).resolve().parents[1]
+VALID = ROOT.parent / "shared" / "corpus" / "valid.txt"
+
+
+def prompts_from_valid(tok, n, length, seed=0):
+    ids = np.asarray(tok.encode(VALID.read_text(encoding="utf-8")), dtype=np.int64)
+    starts = np.random.default_rng(seed).integers(0, len(ids) - length, n)
+    return [ids[s:s + length] for s in starts], ids
+
+
+def time_generation(engine, prompts, new_tokens):
+    """Median prefill tokens/s and decode tokens/s over prompts (greedy)."""
+    pre, dec = [], []
+    for p in prompts:
+        cache = engine.new_cache()
+        t0 = time.perf_counter()
+        r = engine.forward(p, cache)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(r.logits[-1]))
+        for i in range(new_tokens):
+            r = engine.forward([tok], cache, step=i + 1)
+            tok = int(np.argmax(r.logits[-1]))
+        t2 = time.perf_counter()
+        pre.append(len(p) / (t1 - t0))
+        dec.append(new_tokens / (t2 - t1))
+    return statistics.median(pre), statistics.median(dec)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args(argv)
+    threadpool_limits(args.threads)
+    model = Model.load(None)
+    L = model.config.n_layer
+    prompts, ids = prompts_from_valid(model.tokenizer, args.prompts, args.prompt_tokens)
+    full = Engine(model)
+    time_generation(full, prompts[:1], 8)                  # warm-up
+
+    print(f"model {model.path.name}: n_layer {L}, n_embd {model.config.n_embd}, vocab {model.config.vocab_size}; "
+          f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.threads} threads")
+    speed = {}
+    for label, eng in [("full depth", full),
+                       (f"fixed {L // 2} eager", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2))),
+                       (f"fixed {L // 2} lazy", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2), fill="lazy"))]:
+        speed[label] = time_generation(eng, prompts, args.new_tokens)
+    base = speed["full depth"]
+    print(f"\n{'setting':<18}{'prefill tok/s':>15}{'decode tok/s':>14}{'prefill x':>11}{'decode x':>10}")
+    for label, (p, d) in speed.items():
+        print(f"{label:<18}{p:>15.1f}{d:>14.1f}{p / base[0]:>11.2f}{d / base[1]:>10.2f}")
+    result = {"speed": {k: {"prefill_tokens_per_s": v[0], "decode_tokens_per_s": v[1],
+                            "prefill_ratio": v[0] / base[0], "decode_ratio": v[1] / base[1]}
+                        for k, v in speed.items()}}
+    if args.no_sweep:
+        print(json.dumps(result))
+        return
+    eval_ids = ids[: args.eval_tokens]
+    ref = reference_top1(full, eval_ids)
+    rows = []
+    print(f"\nsweep on the first {len(eval_ids)} tokens of valid.txt")
+    hdr = f"{'exit':<11}{'setting':<15}{'ppl':>9}{'agree':>8}{'exit':>7}{'compute':>9}{'prefill x':>11}{'decode x':>10}"
+    print(hdr)
+    for name, kw in sweep_settings(L):
+        eng = Engine(model, make_policy(name, model.config, **kw))
+        q = evaluate(eng, eval_ids, ref)
+        p, d = time_generation(eng, prompts, args.new_tokens)
+        row = dict(exit=name, setting=",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold", "tau"),
+                   ppl=q["ppl"], agreement=q["agreement"], mean_exit_layer=q["mean_exit_layer"],
+                   compute_fraction=q["compute_fraction"], prefill_ratio=p / base[0], decode_ratio=d / base[1])
+        rows.append(row)
+        print(f"{name:<11}{row['setting']:<15}{row['ppl']:>9.2f}{row['agreement']:>8.3f}{row['mean_exit_layer']:>7.2f}"
+              f"{row['compute_fraction']:>9.3f}{row['prefill_ratio']:>11.2f}{row['decode_ratio']:>10.2f}", flush=True)
+    result["sweep"] = rows
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exits_sweep.json").write_text(json.dumps(result, indent=1))
+    lines = ["| exit | setting | ppl | agreement | mean exit layer | compute fraction | prefill x | decode x |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['exit']} | {r['setting']} | {r['ppl']:.2f} | {r['agreement']:.3f} | {r['mean_exit_layer']:.2f} | "
+              f"{r['compute_fraction']:.3f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} |" for r in rows]
+    sp = ["| setting | prefill tok/s | decode tok/s | prefill x | decode x |", "|---|---:|---:|---:|---:|"]
+    sp += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[0] / base[0]:.2f} | {v[1] / base[1]:.2f} |" for k, v in speed.items()]
+    (out / "exits_sweep.md").write_text(
+        f"# Early exit on {model.path.name}\n\nGenerated by `python bench/bench_exits.py` "
+        f"({args.prompts} prompts x {args.prompt_tokens} tokens from valid.txt, {args.new_tokens} greedy new tokens, "
+        f"{args.threads} threads; quality on the first {len(eval_ids)} tokens of valid.txt with the `minadept eval` "
+        f"protocol). Ratios are relative to full depth in the same run.\n\n## Speed\n\n" + "\n".join(sp)
+        + "\n\n## Sweep\n\n" + "\n".join(lines) + "\n")
+    from minadept.evaluate import plot_sweep
+    plot_sweep(rows, str(out / "exits_sweep.png"), title=f"{model.path.name}, valid.txt ({len(eval_ids)} tokens)")
+    print(f"\nwrote {out}/exits_sweep.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,31 @@ def select(requested: str | None = None):
     return ("fast", fast) if fast is not None else ("numpy", None)
 
 
-NAME, KERNELS = "numpy", None
+_state: tuple | None = None
+
+
+def use(requested: str | None = None):
+    """Select the backend (``requested`` or $MINADEPT_BACKEND) for this process; returns its name."""
+    global _state
+    _state = select(requested)
+    return _state[0]
+
+
+def current() -> tuple:
+    global _state
+    if _state is None:
+        try:
+            _state = select()
+        except MinadeptError:          # reported by the CLI via use(); the library falls back
+            _state = ("numpy", None)
+    return _state
+
+
+def kernels():
+    """The compiled kernel module, or None on the NumPy backend."""
+    return current()[1]
 
 
 def active() -> str:
     """The backend in use: "numpy" or "fast"."""
-    return NAME
+    return current()[0]

@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         if args.command is None:
             raise MinadeptError("missing command (generate, eval, dump or info); see minadept --help")
         from . import backend
-        backend.NAME, backend.KERNELS = backend.select()
+        backend.use()
         limits = _threads(getattr(args, "threads", None))
         try:
             return COMMANDS[args.command](args)

@@ -79,7 +79,7 @@ class Engine:
         ``ln_f(mapper(h))`` -> [N, V]. At the last layer (or with no mapper) ln_f(h) exactly."""
         if self.exit_mapper is not None and layer < self.config.n_layer:
             h = self.exit_mapper(layer, h)
-        return M.lm_head(self.model.params, M.final_norm(self.model.params, h, self.config))
+        return M.lm_head(self.model, M.final_norm(self.model.params, h, self.config))
 
     # -- propagation ------------------------------------------------------------------------
     def _propagate(self, cache: KVCache, h: np.ndarray, positions: np.ndarray, exit_layer: int) -> int:

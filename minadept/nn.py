@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backend
+
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
 
@@ -14,6 +16,14 @@ _INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
 def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * g + b`` (biased variance,
     as torch.nn.LayerNorm). x [..., C] float32, g/b [C] -> [..., C] float32."""
+    K = backend.kernels()
+    if K is not None and x.ndim == 2 and x.flags.c_contiguous:
+        return K.layer_norm(x, g, b, eps)
+    return layer_norm_numpy(x, g, b, eps)
+
+
+def layer_norm_numpy(x, g, b, eps):
+    """NumPy twin of the fast ``layer_norm`` kernel."""
     return normalize(x, eps) * g + b
 
 
@@ -27,6 +37,14 @@ def normalize(x: np.ndarray, eps: float) -> np.ndarray:
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast``)."""
+    K = backend.kernels()
+    if K is not None and x.ndim == 2 and x.flags.c_contiguous:
+        return K.gelu_tanh(x)
+    return gelu_tanh_numpy(x)
+
+
+def gelu_tanh_numpy(x: np.ndarray) -> np.ndarray:
+    """NumPy twin of the fast ``gelu_tanh`` kernel."""
     return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
 
 
@@ -70,19 +88,40 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     return x.transpose(1, 0, 2).reshape(T, H * D)
 
 
+#: Up to this many queries the fused kernel runs attention (decode, small active sets); above it
+#: BLAS matrix products win.
+FAST_ATTENTION_MAX_QUERIES = 8
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) -> np.ndarray:
     """Causal scaled dot-product attention of queries against cached keys/values.
 
     q [H, T, D] at absolute positions ``q_pos`` [T] (int); k, v [H, S, D] for positions 0..S-1.
     Query t sees keys at positions <= q_pos[t]. Returns [H, T, D] float32.
     """
+    K = backend.kernels()
+    if K is not None and q.shape[1] <= FAST_ATTENTION_MAX_QUERIES:
+        return K.attention(q, k, v, np.ascontiguousarray(q_pos, dtype=np.int64))
+    return attention_numpy(q, k, v, q_pos)
+
+
+def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+                    dtype=np.float32) -> np.ndarray:
+    """NumPy twin of the fast ``attention`` kernel (BLAS products, masked softmax).
+
+    ``dtype=np.float64`` evaluates it in double precision (the kernel accumulates in double; the
+    property tests compare it with this form), returning float32 either way."""
+    if q.shape[1] == 0:
+        return np.zeros(q.shape, np.float32)
+    if dtype is not np.float32:
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     D = q.shape[-1]
-    scores = (q @ k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(D))   # [H, T, S]
+    scores = (q @ k.transpose(0, 2, 1)) * dtype(1.0 / np.sqrt(D))         # [H, T, S]
     S = k.shape[1]
     if S > 1 and (q.shape[1] > 1 or q_pos[0] < S - 1):
         future = np.arange(S)[None, :] > q_pos[:, None]                    # [T, S]
-        scores = np.where(future[None], np.float32(-np.inf), scores)
-    return softmax(scores) @ v                                             # [H, T, D]
+        scores = np.where(future[None], dtype(-np.inf), scores)
+    return (softmax(scores) @ v).astype(np.float32, copy=False)           # [H, T, D]
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minadept import nn
+from minadept import backend, nn
 from minadept.engine import Engine
 from minadept.errors import MinadeptError
 from minadept.exits.policies import (Confidence, Constant, ExitState, Fixed, Margin, NoExit, Policy,
@@ -19,6 +19,17 @@ from randmodel import random_model
 
 L = 4
 MODEL = random_model(n_layer=L, seed=1)
+
+BACKENDS = ["numpy"] + (["fast"] if backend._load_fast() is not None else [])
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def each_backend(request):
+    """Every engine test runs on the NumPy backend and, when built, on the Cython one."""
+    saved = backend._state
+    backend.use(request.param)
+    yield request.param
+    backend._state = saved
 
 
 class RandomExit(Policy):
@@ -261,6 +272,7 @@ def test_accounting_adds_up(policy, fill):
     (dict(name="bogus"), "unknown exit policy"),
 ])
 def test_invalid_policy_settings(kw, msg):
+    kw = dict(kw)
     name = kw.pop("name")
     with pytest.raises(MinadeptError, match=msg):
         make_policy(name, MODEL.config, **kw)
@@ -270,3 +282,14 @@ def test_lazy_with_other_kv_modes_is_an_error():
     for kv in ("propagate-loop", "oracle"):
         with pytest.raises(MinadeptError, match="lazy"):
             Engine(MODEL, Fixed(2), kv=kv, fill="lazy")
+
+
+def test_greedy_tokens_identical_under_both_backends():
+    if len(BACKENDS) < 2:
+        pytest.skip("fast backend not built")
+    out = {}
+    for name in BACKENDS:
+        backend.use(name)
+        for pol in (RandomExit(0.3, 1), Confidence(Constant(0.5)), Saturation(Constant(0.6))):
+            out.setdefault(name, []).append(run(Engine(MODEL, pol), PROMPT, n_new=12)[0])
+    assert out["numpy"] == out["fast"]

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import backend
 from ..config import GPT2Config
 from ..errors import MinadeptError
 from ..flops import head_flops
@@ -128,6 +129,12 @@ def _probs(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def top1_minus_top2(p: np.ndarray) -> np.ndarray:
+    """p [N, V] probabilities -> top-1 minus top-2 [N]."""
+    top2 = np.partition(p, -2, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 class Confidence(ThresholdPolicy):
     """Softmax top-1 probability of the exit prediction (CALM 'softmax response')."""
     name = "confidence"
@@ -135,6 +142,9 @@ class Confidence(ThresholdPolicy):
 
     def score(self, state):
         logits = state.predict(state.h)
+        K = backend.kernels()
+        if K is not None:
+            return K.softmax_top2(np.ascontiguousarray(logits))[0], logits
         return _probs(logits).max(axis=-1), logits
 
     def check_flops(self, config):
@@ -148,9 +158,10 @@ class Margin(ThresholdPolicy):
 
     def score(self, state):
         logits = state.predict(state.h)
-        p = _probs(logits)
-        top2 = np.partition(p, -2, axis=-1)[:, -2:]
-        return top2[:, 1] - top2[:, 0], logits
+        K = backend.kernels()
+        if K is not None:
+            return K.softmax_top2(np.ascontiguousarray(logits))[1], logits
+        return top1_minus_top2(_probs(logits)), logits
 
     def check_flops(self, config):
         return head_flops(config)
@@ -161,13 +172,20 @@ class Saturation(ThresholdPolicy):
     name = "saturation"
 
     def score(self, state):
-        a, b = state.h, state.h_prev
-        num = np.einsum("ij,ij->i", a, b)
-        den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-        return np.clip(num / np.maximum(den, np.float32(1e-12)), -1.0, 1.0), None
+        K = backend.kernels()
+        if K is not None:
+            return K.cosine_rows(np.ascontiguousarray(state.h), np.ascontiguousarray(state.h_prev)), None
+        return cosine_rows(state.h, state.h_prev), None
 
     def check_flops(self, config):
         return 6 * config.n_embd
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of rows a[i], b[i] ([N, C]) clipped to [-1, 1] (NumPy twin of the fast kernel)."""
+    num = np.einsum("ij,ij->i", a, b)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.clip(num / np.maximum(den, np.float32(1e-12)), -1.0, 1.0)
 
 
 POLICIES = {"none": NoExit, "fixed": Fixed, "confidence": Confidence, "margin": Margin,

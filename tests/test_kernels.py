@@ -1,0 +1,116 @@
+"""Issue 6: every Cython kernel equals its NumPy twin (rtol 1e-5 + atol 1e-6, float32) over random
+shapes, masks and extreme but finite values; the backend switch behaves."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minadept import backend, nn
+from minadept.errors import MinadeptError
+from minadept.exits.policies import _probs, cosine_rows, top1_minus_top2
+
+K = backend._load_fast()
+pytestmark = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
+
+EXAMPLES = int(os.environ.get("MINADEPT_KERNEL_EXAMPLES", "200"))   # CI profile: >= 200 per kernel
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def close(got, want, what=""):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                               err_msg=f"{what}: max |diff| {np.abs(got - want).max() if got.size else 0}")
+
+
+@st.composite
+def arrays(draw, shape, scale=None):
+    """float32 arrays with values up to |x| <= 1e4 (scale drawn per example)."""
+    s = draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4])) if scale is None else scale
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=shape) * s
+    return x.astype(np.float32)
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(0, 6), c=st.integers(1, 200))
+def test_layer_norm(data, n, c):
+    x = data.draw(arrays((n, c)))
+    g, b = data.draw(arrays((c,), 2.0)), data.draw(arrays((c,), 2.0))
+    close(K.layer_norm(x, g, b, 1e-5), nn.layer_norm_numpy(x, g, b, 1e-5), "layer_norm")
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(0, 6), m=st.integers(1, 300))
+def test_gelu_tanh(data, n, m):
+    x = data.draw(arrays((n, m)))
+    close(K.gelu_tanh(x), nn.gelu_tanh_numpy(x), "gelu_tanh")
+
+
+@SETTINGS
+@given(data=st.data(), H=st.integers(1, 12), D=st.sampled_from([1, 8, 32, 64]),
+       S=st.integers(1, 1024), frac=st.floats(0, 1), kind=st.sampled_from(["decode", "subset", "full"]))
+def test_attention(data, H, D, S, frac, kind):
+    """Decode (one query at the last position), an arbitrary active subset (including empty),
+    and every position; k/v are strided cache slices like the engine passes."""
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "decode":
+        pos = np.array([S - 1])
+    elif kind == "full":
+        pos = np.arange(min(S, 64))
+        S = len(pos)
+    else:
+        pos = np.flatnonzero(rng.random(min(S, 64)) < frac)
+        S = max(S if len(pos) == 0 else int(pos.max()) + 1, 1)
+    T = len(pos)
+    scale = data.draw(st.sampled_from([0.1, 1.0, 10.0, 100.0]))    # 100: scores near/beyond -1e4
+    cache = (rng.standard_normal((2, H, S + 5, D)) * scale).astype(np.float32)
+    k, v = cache[0, :, :S], cache[1, :, :S]
+    q = (rng.standard_normal((H, T, D)) * scale).astype(np.float32)
+    got = K.attention(q, k, v, pos.astype(np.int64))
+    want = nn.attention_numpy(q, k, v, pos, dtype=np.float64)
+    assert got.shape == (H, T, D)
+    close(got, want, f"attention H={H} T={T} S={S} D={D}")
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(0, 5), V=st.integers(2, 3000))
+def test_softmax_top2(data, n, V):
+    logits = data.draw(arrays((n, V)))
+    p1, m = K.softmax_top2(logits)
+    p = _probs(logits.astype(np.float32))
+    close(p1, p.max(axis=-1) if n else np.zeros(0, np.float32), "top-1")
+    close(m, top1_minus_top2(p) if n else np.zeros(0, np.float32), "top-1 minus top-2")
+
+
+@SETTINGS
+@given(data=st.data(), n=st.integers(0, 6), c=st.integers(1, 300))
+def test_cosine_rows(data, n, c):
+    a, b = data.draw(arrays((n, c))), data.draw(arrays((n, c)))
+    if n:
+        b[0] = a[0] * 3                                   # parallel rows: cosine exactly 1 after clip
+    close(K.cosine_rows(a, b), cosine_rows(a, b), "cosine")
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("MINADEPT_BACKEND", "numpy")
+    assert backend.select()[0] == "numpy"
+    monkeypatch.setenv("MINADEPT_BACKEND", "fast")
+    assert backend.select()[0] == "fast"
+    monkeypatch.setenv("MINADEPT_BACKEND", "turbo")
+    with pytest.raises(MinadeptError, match="MINADEPT_BACKEND"):
+        backend.select()
+
+
+def test_fast_without_extension_is_an_error(monkeypatch):
+    monkeypatch.setattr(backend, "_load_fast", lambda: None)
+    monkeypatch.setenv("MINADEPT_BACKEND", "fast")
+    with pytest.raises(MinadeptError, match="not built"):
+        backend.select()
+    monkeypatch.setenv("MINADEPT_BACKEND", "auto")
+    assert backend.select() == ("numpy", None)

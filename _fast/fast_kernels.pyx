@@ -8,6 +8,7 @@ built with MINADEPT_BOUNDSCHECK=1.
 """
 import numpy as np
 from cython.parallel import prange
+cimport openmp
 from libc.math cimport exp, sqrt, tanh
 
 ctypedef const float[:, ::1] cmat
@@ -64,7 +65,9 @@ def attention(cten q, cten k, cten v, const long[::1] q_pos):
     cdef double[:, ::1] accd = acc_arr
     cdef Py_ssize_t job, h, t, s, d, last
     cdef double scale = 1.0 / sqrt(<double>D), m, z, acc, w
-    for job in prange(H * T, nogil=True, schedule="static"):
+    # threads only when there is enough work to pay for waking them (~64K multiply-adds)
+    cdef int nt = 1 if H * T * S * D < 65536 else openmp.omp_get_max_threads()
+    for job in prange(H * T, nogil=True, schedule="static", num_threads=nt):
         h = job // T
         t = job % T
         last = q_pos[t]

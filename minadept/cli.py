@@ -147,6 +147,9 @@ def cmd_generate(args) -> int:
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
             t1 = time.perf_counter()
+        if step.token == tok.eot_id:            # the stop token ends the text; it is not printed
+            state.stop_reason = "eot"
+            break
         pending.append(int(step.result.exit_layers[-1]))
         piece = stream.step(step.token)
         if piece:

@@ -11,8 +11,8 @@ from .errors import MinadeptError
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """temperature 0 = greedy (ties go to the lowest token id, as ``np.argmax``); top_k None or
-    0 = no limit; top_p 1.0 = no nucleus cut. Raises MinadeptError for invalid values."""
+    """temperature 0 = greedy (ties go to the lowest token id, as ``np.argmax``); top_k None =
+    no limit (must be >= 1 otherwise); top_p 1.0 = no nucleus cut. Raises MinadeptError for invalid values."""
     temperature: float = 0.8
     top_k: int | None = 40
     top_p: float = 1.0

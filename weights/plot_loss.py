@@ -24,7 +24,7 @@ def main(log_path: str, out: str) -> None:
     ax.plot(vs, vl, "o-", color="C3", ms=3, label="held-out (64 windows of valid.txt)")
     ax.set_xlabel(f"step ({log['tokens_per_step']} tokens each)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_ylim(min(vl + smooth) - 0.2, min(8.0, max(train)))
+    ax.set_ylim(min(list(vl) + smooth) - 0.2, min(8.0, max(train)))
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"final held-out loss {vl[-1]:.3f} (ppl {math.exp(vl[-1]):.1f})")

@@ -13,39 +13,58 @@ _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
 
 
+#: The scalar Cython kernels (layer norm, GELU) win on few rows, where NumPy's per-call overhead
+#: dominates (decode); on prefill-sized inputs NumPy's vectorised loops are faster.
+FAST_MAX_ROWS = 8
+
+
 def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * g + b`` (biased variance,
     as torch.nn.LayerNorm). x [..., C] float32, g/b [C] -> [..., C] float32."""
     K = backend.kernels()
-    if K is not None and x.ndim == 2 and x.flags.c_contiguous:
+    if K is not None and x.ndim == 2 and x.shape[0] <= FAST_MAX_ROWS and x.flags.c_contiguous:
         return K.layer_norm(x, g, b, eps)
     return layer_norm_numpy(x, g, b, eps)
 
 
 def layer_norm_numpy(x, g, b, eps):
     """NumPy twin of the fast ``layer_norm`` kernel."""
-    return normalize(x, eps) * g + b
+    y = normalize(x, eps)
+    y *= g
+    y += b
+    return y
 
 
 def normalize(x: np.ndarray, eps: float) -> np.ndarray:
     """The affine-free part of LayerNorm. x [..., C] -> [..., C], zero mean, unit variance."""
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    return xc / np.sqrt(var + np.float32(eps))
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = np.mean(np.square(xc), axis=-1, keepdims=True)
+    var += np.float32(eps)
+    xc /= np.sqrt(var, out=var)
+    return xc
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast``)."""
     K = backend.kernels()
-    if K is not None and x.ndim == 2 and x.flags.c_contiguous:
+    if K is not None and x.ndim == 2 and x.shape[0] <= FAST_MAX_ROWS and x.flags.c_contiguous:
         return K.gelu_tanh(x)
     return gelu_tanh_numpy(x)
 
 
 def gelu_tanh_numpy(x: np.ndarray) -> np.ndarray:
-    """NumPy twin of the fast ``gelu_tanh`` kernel."""
-    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+    """NumPy twin of the fast ``gelu_tanh`` kernel:
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, computed in place in one buffer."""
+    y = x * x
+    y *= x
+    y *= np.float32(0.044715)
+    y += x
+    y *= _SQRT_2_OVER_PI
+    np.tanh(y, out=y)
+    y += np.float32(1.0)
+    y *= x
+    y *= np.float32(0.5)
+    return y
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -126,7 +145,9 @@ def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """x [T, in] @ w [in, out] + b [out] -> [T, out]."""
-    return x @ w + b
+    y = x @ w
+    y += b
+    return y
 
 
 def mlp(x: np.ndarray, c_fc_w, c_fc_b, c_proj_w, c_proj_b, gelu: str) -> np.ndarray:

@@ -1,5 +1,9 @@
 """Issue 6: every Cython kernel equals its NumPy twin (rtol 1e-5 + atol 1e-6, float32) over random
-shapes, masks and extreme but finite values; the backend switch behaves."""
+shapes, masks and extreme but finite values; the backend switch behaves.
+
+The kernels accumulate in double, so the twins are evaluated on the same float32 inputs in double
+precision and rounded to float32: at |x| ~ 1e4 two float32 summation orders differ by more than
+1e-5, which says nothing about either kernel."""
 from __future__ import annotations
 
 import os
@@ -41,14 +45,15 @@ def arrays(draw, shape, scale=None):
 def test_layer_norm(data, n, c):
     x = data.draw(arrays((n, c)))
     g, b = data.draw(arrays((c,), 2.0)), data.draw(arrays((c,), 2.0))
-    close(K.layer_norm(x, g, b, 1e-5), nn.layer_norm_numpy(x, g, b, 1e-5), "layer_norm")
+    want = nn.layer_norm_numpy(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), 1e-5)
+    close(K.layer_norm(x, g, b, 1e-5), want.astype(np.float32), "layer_norm")
 
 
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 6), m=st.integers(1, 300))
 def test_gelu_tanh(data, n, m):
     x = data.draw(arrays((n, m)))
-    close(K.gelu_tanh(x), nn.gelu_tanh_numpy(x), "gelu_tanh")
+    close(K.gelu_tanh(x), nn.gelu_tanh_numpy(x.astype(np.float64)).astype(np.float32), "gelu_tanh")
 
 
 @SETTINGS
@@ -83,7 +88,7 @@ def test_attention(data, H, D, S, frac, kind):
 def test_softmax_top2(data, n, V):
     logits = data.draw(arrays((n, V)))
     p1, m = K.softmax_top2(logits)
-    p = _probs(logits.astype(np.float32))
+    p = _probs(logits.astype(np.float64))
     close(p1, p.max(axis=-1) if n else np.zeros(0, np.float32), "top-1")
     close(m, top1_minus_top2(p) if n else np.zeros(0, np.float32), "top-1 minus top-2")
 
@@ -94,7 +99,7 @@ def test_cosine_rows(data, n, c):
     a, b = data.draw(arrays((n, c))), data.draw(arrays((n, c)))
     if n:
         b[0] = a[0] * 3                                   # parallel rows: cosine exactly 1 after clip
-    close(K.cosine_rows(a, b), cosine_rows(a, b), "cosine")
+    close(K.cosine_rows(a, b), cosine_rows(a.astype(np.float64), b.astype(np.float64)).astype(np.float32), "cosine")
 
 
 def test_backend_switch(monkeypatch):

@@ -77,7 +77,7 @@ def build_checkpoint(out_dir: str, seed: int, attn: str | None):
 
 def run_minadept(engine, prompt: np.ndarray, n_new: int):
     """Greedy generation; returns (tokens [n_new], prefill seconds, decode seconds, last prefill logits)."""
-    cache = engine.new_cache()                     # allocation outside the timed region
+    cache = engine.new_cache(len(prompt) + n_new)  # sized like generate(); allocated outside the timed region
     toks = []
     t0 = time.perf_counter()
     r = engine.forward(prompt, cache)

@@ -70,8 +70,14 @@ class Engine:
         self.kv, self.fill = kv, fill
         self.exit_mapper, self.kv_mapper = exit_mapper, kv_mapper
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config)
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        """An empty KV cache for ``n_ctx`` positions (default n_positions). Size it to what a run
+        needs: first-touching a large fresh cache costs real time (measured 70 ms of a 190 ms
+        124M prefill for a 1024-position cache)."""
+        n = self.config.n_positions if n_ctx is None else n_ctx
+        if not 1 <= n <= self.config.n_positions:
+            raise MinadeptError(f"cache size must be in [1, {self.config.n_positions}] (n_positions), got {n}")
+        return KVCache(self.config, n)
 
     # -- predictions ------------------------------------------------------------------------
     def predict(self, h: np.ndarray, layer: int) -> np.ndarray:

@@ -59,7 +59,7 @@ def reference_top1(engine_full, ids: np.ndarray) -> list[np.ndarray]:
     """Full-depth top-1 prediction [len(w)-1] for every window (for agreement)."""
     out = []
     for w in windows(ids, engine_full.config.n_positions):
-        r = engine_full.forward(w[:-1], engine_full.new_cache(), all_logits=True)
+        r = engine_full.forward(w[:-1], engine_full.new_cache(len(w) - 1), all_logits=True)
         out.append(r.logits.argmax(axis=-1))
     return out
 
@@ -73,7 +73,7 @@ def evaluate(engine, ids: np.ndarray, ref_top1: list[np.ndarray] | None = None, 
     exit_sum = 0
     total = full = 0
     for i, w in enumerate(windows(ids, engine.config.n_positions)):
-        cache = engine.new_cache()
+        cache = engine.new_cache(len(w) - 1)
         r = engine.forward(w[:-1], cache, all_logits=True)
         lp = _log_softmax(r.logits)
         nll -= float(lp[np.arange(len(w) - 1), w[1:]].sum())

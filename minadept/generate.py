@@ -61,7 +61,7 @@ def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: Sampl
     if max_new_tokens == 0:
         gen.stop_reason = "max_new_tokens"
         return
-    cache = engine.new_cache()
+    cache = engine.new_cache(min(engine.config.n_positions, len(ids) + max_new_tokens))
     result = engine.forward(ids, cache)
     gen.prompt_result = result
     kind = "prefill"

@@ -55,6 +55,18 @@ def time_generation(engine, prompts, new_tokens):
     return statistics.median(pre), statistics.median(dec)
 
 
+def paired_speed(base, other, prompts, new_tokens, rounds):
+    """Median (prefill, decode) tokens/s of ``base`` and ``other``, timed in alternating rounds
+    so that drifts of this shared machine hit both sides alike."""
+    res = {0: [], 1: []}
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            res[i].append(time_generation((base, other)[i], prompts, new_tokens))
+    med = lambda xs, j: statistics.median(x[j] for x in xs)
+    return (med(res[0], 0), med(res[0], 1)), (med(res[1], 0), med(res[1], 1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -62,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4, help="alternating timing rounds per comparison")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args(argv)
@@ -74,17 +87,21 @@ def main(argv=None):
 
     print(f"model {model.path.name}: n_layer {L}, n_embd {model.config.n_embd}, vocab {model.config.vocab_size}; "
           f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.threads} threads")
-    speed = {}
-    for label, eng in [("full depth", full),
-                       (f"fixed {L // 2} eager", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2))),
+    speed = {"full depth": None}
+    ratios = {}
+    for label, eng in [(f"fixed {L // 2} eager", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2))),
                        (f"fixed {L // 2} lazy", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2), fill="lazy"))]:
-        speed[label] = time_generation(eng, prompts, args.new_tokens)
+        b, o = paired_speed(full, eng, prompts, args.new_tokens, args.rounds)
+        speed["full depth"] = b if speed["full depth"] is None else speed["full depth"]
+        speed[label] = o
+        ratios[label] = (o[0] / b[0], o[1] / b[1])
+    ratios["full depth"] = (1.0, 1.0)
     base = speed["full depth"]
-    print(f"\n{'setting':<18}{'prefill tok/s':>15}{'decode tok/s':>14}{'prefill x':>11}{'decode x':>10}")
+    print(f"\n{'setting':<18}{'prefill tok/s':>15}{'decode tok/s':>14}{'prefill x':>11}{'decode x':>10}   (x: paired with full depth)")
     for label, (p, d) in speed.items():
-        print(f"{label:<18}{p:>15.1f}{d:>14.1f}{p / base[0]:>11.2f}{d / base[1]:>10.2f}")
+        print(f"{label:<18}{p:>15.1f}{d:>14.1f}{ratios[label][0]:>11.2f}{ratios[label][1]:>10.2f}")
     result = {"speed": {k: {"prefill_tokens_per_s": v[0], "decode_tokens_per_s": v[1],
-                            "prefill_ratio": v[0] / base[0], "decode_ratio": v[1] / base[1]}
+                            "prefill_ratio": ratios[k][0], "decode_ratio": ratios[k][1]}
                         for k, v in speed.items()}}
     if args.no_sweep:
         print(json.dumps(result))
@@ -98,10 +115,10 @@ def main(argv=None):
     for name, kw in sweep_settings(L):
         eng = Engine(model, make_policy(name, model.config, **kw))
         q = evaluate(eng, eval_ids, ref)
-        p, d = time_generation(eng, prompts, args.new_tokens)
+        (bp, bd), (p, d) = paired_speed(full, eng, prompts, args.new_tokens, 2)
         row = dict(exit=name, setting=",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold", "tau"),
                    ppl=q["ppl"], agreement=q["agreement"], mean_exit_layer=q["mean_exit_layer"],
-                   compute_fraction=q["compute_fraction"], prefill_ratio=p / base[0], decode_ratio=d / base[1])
+                   compute_fraction=q["compute_fraction"], prefill_ratio=p / bp, decode_ratio=d / bd)
         rows.append(row)
         print(f"{name:<11}{row['setting']:<15}{row['ppl']:>9.2f}{row['agreement']:>8.3f}{row['mean_exit_layer']:>7.2f}"
               f"{row['compute_fraction']:>9.3f}{row['prefill_ratio']:>11.2f}{row['decode_ratio']:>10.2f}", flush=True)
@@ -114,12 +131,12 @@ def main(argv=None):
     lines += [f"| {r['exit']} | {r['setting']} | {r['ppl']:.2f} | {r['agreement']:.3f} | {r['mean_exit_layer']:.2f} | "
               f"{r['compute_fraction']:.3f} | {r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} |" for r in rows]
     sp = ["| setting | prefill tok/s | decode tok/s | prefill x | decode x |", "|---|---:|---:|---:|---:|"]
-    sp += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[0] / base[0]:.2f} | {v[1] / base[1]:.2f} |" for k, v in speed.items()]
+    sp += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {ratios[k][0]:.2f} | {ratios[k][1]:.2f} |" for k, v in speed.items()]
     (out / "exits_sweep.md").write_text(
         f"# Early exit on {model.path.name}\n\nGenerated by `python bench/bench_exits.py` "
         f"({args.prompts} prompts x {args.prompt_tokens} tokens from valid.txt, {args.new_tokens} greedy new tokens, "
         f"{args.threads} threads; quality on the first {len(eval_ids)} tokens of valid.txt with the `minadept eval` "
-        f"protocol). Ratios are relative to full depth in the same run.\n\n## Speed\n\n" + "\n".join(sp)
+        f"protocol). Ratios are relative to full depth timed in alternating rounds with each setting (medians).\n\n## Speed\n\n" + "\n".join(sp)
         + "\n\n## Sweep\n\n" + "\n".join(lines) + "\n")
     from minadept.evaluate import plot_sweep
     plot_sweep(rows, str(out / "exits_sweep.png"), title=f"{model.path.name}, valid.txt ({len(eval_ids)} tokens)")

@@ -21,6 +21,7 @@ from .. import backend
 from ..config import GPT2Config
 from ..errors import MinadeptError
 from ..flops import head_flops
+from ..nn import FAST_MAX_ROWS
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Confidence(ThresholdPolicy):
     def score(self, state):
         logits = state.predict(state.h)
         K = backend.kernels()
-        if K is not None:
+        if K is not None and len(logits) <= FAST_MAX_ROWS:
             return K.softmax_top2(np.ascontiguousarray(logits))[0], logits
         return _probs(logits).max(axis=-1), logits
 
@@ -159,7 +160,7 @@ class Margin(ThresholdPolicy):
     def score(self, state):
         logits = state.predict(state.h)
         K = backend.kernels()
-        if K is not None:
+        if K is not None and len(logits) <= FAST_MAX_ROWS:
             return K.softmax_top2(np.ascontiguousarray(logits))[1], logits
         return top1_minus_top2(_probs(logits)), logits
 

@@ -18,7 +18,7 @@ from minadept.errors import MinadeptError
 from minadept.exits.policies import _probs, cosine_rows, top1_minus_top2
 
 K = backend._load_fast()
-pytestmark = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
+needs_fast = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
 
 EXAMPLES = int(os.environ.get("MINADEPT_KERNEL_EXAMPLES", "200"))   # CI profile: >= 200 per kernel
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
@@ -40,6 +40,7 @@ def arrays(draw, shape, scale=None):
     return x.astype(np.float32)
 
 
+@needs_fast
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 6), c=st.integers(1, 200))
 def test_layer_norm(data, n, c):
@@ -49,6 +50,7 @@ def test_layer_norm(data, n, c):
     close(K.layer_norm(x, g, b, 1e-5), want.astype(np.float32), "layer_norm")
 
 
+@needs_fast
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 6), m=st.integers(1, 300))
 def test_gelu_tanh(data, n, m):
@@ -56,6 +58,7 @@ def test_gelu_tanh(data, n, m):
     close(K.gelu_tanh(x), nn.gelu_tanh_numpy(x.astype(np.float64)).astype(np.float32), "gelu_tanh")
 
 
+@needs_fast
 @SETTINGS
 @given(data=st.data(), H=st.integers(1, 12), D=st.sampled_from([1, 8, 32, 64]),
        S=st.integers(1, 1024), frac=st.floats(0, 1), kind=st.sampled_from(["decode", "subset", "full"]))
@@ -83,6 +86,7 @@ def test_attention(data, H, D, S, frac, kind):
     close(got, want, f"attention H={H} T={T} S={S} D={D}")
 
 
+@needs_fast
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 5), V=st.integers(2, 3000))
 def test_softmax_top2(data, n, V):
@@ -93,6 +97,7 @@ def test_softmax_top2(data, n, V):
     close(m, top1_minus_top2(p) if n else np.zeros(0, np.float32), "top-1 minus top-2")
 
 
+@needs_fast
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 6), c=st.integers(1, 300))
 def test_cosine_rows(data, n, c):
@@ -102,6 +107,7 @@ def test_cosine_rows(data, n, c):
     close(K.cosine_rows(a, b), cosine_rows(a.astype(np.float64), b.astype(np.float64)).astype(np.float32), "cosine")
 
 
+@needs_fast
 def test_backend_switch(monkeypatch):
     monkeypatch.setenv("MINADEPT_BACKEND", "numpy")
     assert backend.select()[0] == "numpy"

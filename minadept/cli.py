@@ -34,7 +34,7 @@ def _add_model(p):
 
 def _add_policy(p):
     g = p.add_argument_group("early exit (ADEPT engine)")
-    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation, adept")
+    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation")
     g.add_argument("--threshold", type=_float, default=None, help="exit when score > threshold (0..1)")
     g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
     g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
@@ -93,11 +93,8 @@ def _engine(args, model):
     from .exits.policies import make_policy
     policy = make_policy(args.exit, model.config, threshold=args.threshold, exit_layer=args.exit_layer,
                          min_exit_layer=args.min_exit_layer, schedule=args.schedule,
-                         horizon=getattr(args, "max_new_tokens", 128) or 128, model_dir=model.path)
-    exit_mapper = kv_mapper = None
-    if args.exit == "adept":
-        exit_mapper, kv_mapper = policy.mappers()
-    return Engine(model, policy, kv=args.kv, fill=args.kv_fill, exit_mapper=exit_mapper, kv_mapper=kv_mapper)
+                         horizon=getattr(args, "max_new_tokens", 128) or 128)
+    return Engine(model, policy, kv=args.kv, fill=args.kv_fill)
 
 
 def _check_policy_args(args):

@@ -196,18 +196,15 @@ _THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
 
 def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
                 exit_layer: int | None = None, min_exit_layer: int | None = None,
-                schedule: str = "constant", horizon: int = 128, model_dir=None) -> Policy:
+                schedule: str = "constant", horizon: int = 128) -> Policy:
     """Build a policy from CLI-style settings, checking them against ``config``.
 
     Raises MinadeptError for an unknown name, tau outside [0, 1], an exit layer outside
     [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
     """
     L = config.n_layer
-    if name == "adept":
-        from .adept import load_adept_policy
-        return load_adept_policy(model_dir, config, threshold=threshold, min_exit_layer=min_exit_layer)
     if name not in POLICIES:
-        raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)}, adept)")
+        raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)})")
     if threshold is not None and not (0.0 <= threshold <= 1.0):   # NaN fails too
         raise MinadeptError(f"--threshold must be in [0, 1], got {threshold}")
     if exit_layer is not None and not (1 <= exit_layer <= L):

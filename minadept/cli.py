@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -245,7 +244,7 @@ def main(argv=None) -> int:
             return COMMANDS[args.command](args)
         finally:
             if limits is not None:
-                limits.unregister() if hasattr(limits, "unregister") else None
+                limits.restore_original_limits()
     except MinadeptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if str(e).startswith("minadept") else 1

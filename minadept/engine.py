@@ -130,6 +130,21 @@ class Engine:
         """Fill every pending entry (before dumping or comparing caches). Returns FLOPs spent."""
         return sum(self.fill_pending(cache, l, cache.length) for l in range(self.config.n_layer))
 
+    def _predictions(self, rows, check_logits, exit_layers, h_exit):
+        """Logits [len(rows), V] of the predicted rows, reusing logits an exit check already
+        computed; returns them with the per-token LM-head FLOPs [T] of the rows computed here."""
+        logits = np.empty((len(rows), self.config.vocab_size), np.float32)
+        head_f = np.zeros(len(exit_layers), dtype=np.int64)
+        todo = np.array([i for i, r in enumerate(rows) if int(r) not in check_logits], dtype=np.int64)
+        for i, r in enumerate(rows):
+            if int(r) in check_logits:
+                logits[i] = check_logits[int(r)]
+        for k in np.unique(exit_layers[rows[todo]]):          # one LM-head product per exit layer
+            sel = todo[exit_layers[rows[todo]] == k]
+            logits[sel] = self.predict(h_exit[rows[sel]], int(k))
+        head_f[rows[todo]] = head_flops(self.config)
+        return logits, head_f
+
     # -- the forward pass --------------------------------------------------------------------
     def forward(self, ids, cache: KVCache, *, all_logits: bool = False, step: int = 0,
                 record_hidden: bool = False) -> ForwardResult:
@@ -156,8 +171,7 @@ class Engine:
         blocks_f = np.zeros(T, dtype=np.int64)
         checks_f = np.zeros(T, dtype=np.int64)
         prop_f = 0
-        active = np.arange(T)
-        everyone = active
+        active = everyone = np.arange(T)
         check_logits: dict[int, np.ndarray] = {}
         oracle, checking = self.kv == "oracle", not isinstance(self.policy, NoExit)
         hidden = np.empty((L + 1, T, cfg.n_embd), np.float32) if record_hidden else None
@@ -214,18 +228,7 @@ class Engine:
         h_exit[active] = h[active]
         cache.length = end
         rows = np.arange(T) if all_logits else np.array([T - 1])
-        logits = np.empty((len(rows), cfg.vocab_size), np.float32)
-        head_f = np.zeros(T, dtype=np.int64)
-        todo = [i for i, r in enumerate(rows) if int(r) not in check_logits]
-        for i, r in enumerate(rows):
-            if int(r) in check_logits:
-                logits[i] = check_logits[int(r)]
-        if todo:
-            todo_rows = rows[todo]
-            for k in np.unique(exit_layers[todo_rows]):
-                sel = exit_layers[todo_rows] == k
-                logits[np.asarray(todo)[sel]] = self.predict(h_exit[todo_rows[sel]], int(k))
-            head_f[todo_rows] = head_flops(cfg)
+        logits, head_f = self._predictions(rows, check_logits, exit_layers, h_exit)
         return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,
                              check_flops=checks_f, head_flops=head_f, propagation_flops=prop_f,
                              full_flops=full_forward_flops(cfg, T, len(rows), start=p0), hidden=hidden)

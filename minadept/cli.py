@@ -1,4 +1,4 @@
-"""Command line: ``minadept generate | eval | dump | info`` (also ``python -m minadept``).
+"""Command line: ``minadept generate | eval | calibrate | dump | info`` (also ``python -m minadept``).
 
 Errors are one line on stderr (``error: ...``) and exit status 2 (bad usage) or 1 (bad input).
 """
@@ -33,13 +33,17 @@ def _add_model(p):
 
 def _add_policy(p):
     g = p.add_argument_group("early exit (ADEPT engine)")
-    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation")
+    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation, adept")
     g.add_argument("--threshold", type=_float, default=None, help="exit when score > threshold (0..1)")
     g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
     g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
     g.add_argument("--schedule", default="constant", help="threshold schedule: constant or decay (CALM)")
     g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop, oracle")
     g.add_argument("--kv-fill", default="eager", help="eager or lazy (lazy only with --kv propagate)")
+    g.add_argument("--adept", default=None,
+                   help="calibrated policy file (default: adept.safetensors in the model directory)")
+    g.add_argument("--exit-map", default=None, help="with --exit adept: learned (default) or identity")
+    g.add_argument("--kv-map", default=None, help="with --exit adept: learned (default) or identity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     _add_policy(d)
 
+    c = sub.add_parser("calibrate", help="fit ADEPT's mappers and exit policy on a text file")
+    c.add_argument("--text", required=True, help="UTF-8 calibration text (keep it apart from evaluation text)")
+    _add_model(c)
+    c.add_argument("--cost-weight", type=_float, default=1.0,
+                   help="W = beta/lambda: nats of quality traded per unit of depth fraction (default 1)")
+    c.add_argument("--max-tokens", type=int, default=98304, help="calibration tokens (default 98304)")
+    c.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    c.add_argument("--target-ppl-increase", type=_float, default=0.05,
+                   help="default threshold: cheapest with held-out ppl within this of full depth (0.05)")
+    c.add_argument("--kv-rank", type=int, default=24, help="rank of each K/V mapper (default 24)")
+    c.add_argument("--out", default=None, help="output file or directory (default: the model directory)")
+
     i = sub.add_parser("info", help="version, default model, BLAS, backend")
     i.add_argument("--model", default=None)
     return p
@@ -90,16 +106,34 @@ def _threads(n):
 def _engine(args, model):
     from .engine import Engine
     from .exits.policies import make_policy
+    adept = _load_adept(args, model)
     policy = make_policy(args.exit, model.config, threshold=args.threshold, exit_layer=args.exit_layer,
                          min_exit_layer=args.min_exit_layer, schedule=args.schedule,
-                         horizon=getattr(args, "max_new_tokens", 128) or 128)
-    return Engine(model, policy, kv=args.kv, fill=args.kv_fill)
+                         horizon=getattr(args, "max_new_tokens", 128) or 128, adept=adept)
+    learned = lambda flag: adept is not None and (flag or "learned") == "learned"
+    return Engine(model, policy, kv=args.kv, fill=args.kv_fill,
+                  exit_mapper=adept.exit_map if learned(args.exit_map) else None,
+                  kv_mapper=adept.kv_map if learned(args.kv_map) and args.kv != "oracle" else None)
+
+
+def _load_adept(args, model):
+    """The calibrated AdeptParams for ``--exit adept`` (None for other policies)."""
+    if args.exit != "adept":
+        return None
+    from .exits.adept import ADEPT_FILE, load_adept
+    return load_adept(args.adept or model.path / ADEPT_FILE, model.config)
 
 
 def _check_policy_args(args):
     """Catch impossible combinations before loading anything."""
     if args.kv_fill == "lazy" and args.kv != "propagate":
         raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {args.kv}")
+    for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map), ("--adept", args.adept)):
+        if value is not None and args.exit != "adept":
+            raise MinadeptError(f"{flag} works only with --exit adept")
+    for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map)):
+        if value not in (None, "learned", "identity"):
+            raise MinadeptError(f"{flag} must be learned or identity, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- generate
@@ -228,7 +262,42 @@ def cmd_eval(args) -> int:
     return run_eval_command(args, _engine)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}
+def cmd_calibrate(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .evaluate import read_token_stream
+    from .exits.adept import ADEPT_FILE, save_adept
+    from .exits.calibrate import calibrate
+    from .model import Model
+    if args.max_tokens < 1:
+        raise MinadeptError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    model = Model.load(args.model)
+    out = Path(args.out) if args.out else model.path / ADEPT_FILE
+    if out.is_dir():
+        out = out / ADEPT_FILE
+    if not out.parent.is_dir():
+        raise MinadeptError(f"output directory does not exist: {out.parent}")
+    ids = read_token_stream(model.tokenizer, args.text)
+    bar = lambda total, desc: tqdm(total=total, desc=desc, unit="tok" if "tau" not in desc else "it",
+                                   file=sys.stderr, leave=False)
+    params = calibrate(model, ids, cost_weight=args.cost_weight, seed=args.seed,
+                       max_tokens=args.max_tokens, target_ppl_increase=args.target_ppl_increase,
+                       kv_rank=args.kv_rank, progress_factory=bar)
+    save_adept(params, out)
+    out.with_suffix(".json").write_text(_json.dumps(params.info, indent=1, sort_keys=True) + "\n")
+    rows = {r["tau"]: r for r in params.info["threshold_search"]["rows"]}
+    best = rows[params.threshold]
+    print(f"wrote {out} ({params.n_params:,} parameters, {params.n_params / model.n_params:.1%} "
+          f"of the model's) and {out.with_suffix('.json').name}", file=sys.stderr)
+    print(f"default threshold {params.threshold}: held-out ppl +{best['ppl_increase']:.1%} vs full depth, "
+          f"compute fraction {best['compute_fraction']:.3f}, mean exit layer {best['mean_exit_layer']:.2f}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:

@@ -68,11 +68,16 @@ def evaluate(engine, ids: np.ndarray, ref_top1: list[np.ndarray] | None = None, 
     """Run the protocol under ``engine``. Returns ppl, tokens, nll (nats/token), and when
     ``ref_top1`` is given agreement (fraction of positions whose top-1 equals full depth's),
     plus mean_exit_layer and compute_fraction (all FLOPs incl. checks and propagation / full)."""
+    return evaluate_windows(engine, windows(ids, engine.config.n_positions), ref_top1, progress)
+
+
+def evaluate_windows(engine, wins, ref_top1=None, progress=None) -> dict:
+    """``evaluate`` over given windows (each an id array read on all but its last token)."""
     nll = 0.0
     n = agree = 0
     exit_sum = 0
     total = full = 0
-    for i, w in enumerate(windows(ids, engine.config.n_positions)):
+    for i, w in enumerate(wins):
         cache = engine.new_cache(len(w) - 1)
         r = engine.forward(w[:-1], cache, all_logits=True)
         lp = _log_softmax(r.logits)

@@ -33,6 +33,14 @@ class Model:
         params = load_params(path, config)
         return cls(config=config, params=params, tokenizer=tok, path=path)
 
+    @property
+    def n_params(self) -> int:
+        """Number of weights (a tied ``lm_head`` counted once, as HF's ``num_parameters``)."""
+        p = self.params
+        n = p.wte.size + p.wpe.size + p.ln_f_g.size + p.ln_f_b.size
+        n += sum(a.size for b in p.h for a in vars(b).values())
+        return int(n + (0 if p.lm_head is p.wte else p.lm_head.size))
+
     @cached_property
     def lm_head_t(self) -> np.ndarray:
         """``lm_head`` transposed and C-contiguous, [C, V]: ``x @ lm_head_t`` streams the weights

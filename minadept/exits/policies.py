@@ -7,7 +7,7 @@ cosine measures. Policies return decisions as arrays and keep no timing or loggi
 Measures (CALM, Schuster et al. 2022, section 3.5): ``confidence`` (softmax top-1 of the exit
 prediction), ``margin`` (top-1 minus top-2), ``saturation`` (cosine of h_k and h_{k-1}).
 Baselines: ``none`` (full depth), ``fixed`` (every token exits at layer K). The learned ADEPT
-policy plugs in through the same ``decide`` interface.
+policy (``adept``, weights from ``minadept calibrate``) uses the same ``decide`` interface.
 """
 from __future__ import annotations
 
@@ -189,17 +189,34 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(num / np.maximum(den, np.float32(1e-12)), -1.0, 1.0)
 
 
+class Adept(ThresholdPolicy):
+    """ADEPT's learned exit policy: P(Exit | s) from cheap features of the state (no LM head),
+    weights from ``adept.safetensors`` (see ``exits/adept.py``); exits when P(Exit) > tau."""
+    name = "adept"
+
+    def __init__(self, schedule, params, min_exit_layer: int = 1):
+        super().__init__(schedule, min_exit_layer)
+        self.params = params
+
+    def score(self, state):
+        return self.params.score(state.layer, state.h, state.h_prev), None
+
+    def check_flops(self, config):
+        return 2 * (config.n_embd + 2) + 10 * config.n_embd
+
+
 POLICIES = {"none": NoExit, "fixed": Fixed, "confidence": Confidence, "margin": Margin,
-            "saturation": Saturation}
+            "saturation": Saturation, "adept": Adept}
 _THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
 
 
 def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
                 exit_layer: int | None = None, min_exit_layer: int | None = None,
-                schedule: str = "constant", horizon: int = 128) -> Policy:
+                schedule: str = "constant", horizon: int = 128, adept=None) -> Policy:
     """Build a policy from CLI-style settings, checking them against ``config``.
 
-    Raises MinadeptError for an unknown name, tau outside [0, 1], an exit layer outside
+    ``adept``: the calibrated ``AdeptParams`` (needed by ``adept``; its threshold is the default).
+    Raises MinadeptError for an unknown name, ``adept`` without calibration, tau outside [0, 1], an exit layer outside
     [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
     """
     L = config.n_layer
@@ -227,6 +244,13 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
         return Fixed(exit_layer)
     if exit_layer is not None:
         raise MinadeptError(f"--exit-layer is for --exit fixed, not --exit {name}")
-    tau = _THRESHOLD_DEFAULTS[name] if threshold is None else threshold
+    if name == "adept":
+        if adept is None:
+            raise MinadeptError("--exit adept needs a calibrated adept.safetensors (run: minadept calibrate)")
+        default = adept.threshold
+    else:
+        default = _THRESHOLD_DEFAULTS[name]
+    tau = default if threshold is None else threshold
     sched = Constant(tau) if schedule == "constant" else Decay(tau, horizon=horizon)
-    return POLICIES[name](sched, 1 if min_exit_layer is None else min_exit_layer)
+    first = 1 if min_exit_layer is None else min_exit_layer
+    return Adept(sched, adept, first) if name == "adept" else POLICIES[name](sched, first)

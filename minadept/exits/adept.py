@@ -1,0 +1,162 @@
+"""ADEPT's learned pieces as data: hidden-state mappers and the exit policy's weights.
+
+Written by ``minadept calibrate`` (``exits/calibrate.py``) to ``adept.safetensors`` in the model
+directory and read back here. With C = n_embd, L = n_layer, exit layers k = 1..L-1 (index k-1):
+
+* exit mapper ("Jump to Conclusions"): ``h_L ~ h_k @ exit_w[k-1] + exit_b[k-1]``, the exit
+  prediction is then ``ln_f`` and the LM head as usual;
+* K/V mappers, low rank, one per (exit layer k, skipped block index l) with k < l <= L-1: the
+  LayerNorm-normalised residual stream entering block l+1 of a token that exited at k is
+  ``n_k + (n_k @ kv_u[p]) @ kv_v[p] + kv_c[p]`` with n_k = normalize(h_k) and p = ``pair_index``;
+  ``ln_1``'s affine, then the K/V columns of ``c_attn``, follow (``propagate_kv_mapped``). Block
+  k+1 (l = k) reads h_k itself. Measured on the embedded model: the K/V of skipped layers copied
+  from h_k are far off at the last layers (relative error 0.4-1.0 at block 12), and a rank-24 map
+  cuts that 3-5x; reduced-rank ridge regression keeps the parameters within budget;
+* exit policy: ``P(Exit | s) = sigmoid(features(s) @ policy_w[k-1] + policy_b[k-1])`` with the
+  features of ``policy_features`` (no LM-head product), Bradley-Terry / logistic regression on
+  preferences from the reward T - W C (paper section 3; eq. lambda T - beta C with W = beta/lambda);
+* ``threshold``: the calibrated default tau (exit when P(Exit) > tau).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MinadeptError
+
+ADEPT_FILE = "adept.safetensors"
+FORMAT_VERSION = "1"
+
+
+TENSORS = ("exit_w", "exit_b", "kv_u", "kv_v", "kv_c", "policy_w", "policy_b")
+
+
+def pair_index(k: int, l: int, n_layer: int) -> int:
+    """Row of the (exit layer k, block index l) K/V mapper, 1 <= k < l <= n_layer-1, in the order
+    k = 1, l = 2..L-1; k = 2, l = 3..L-1; ..."""
+    before = sum(n_layer - 1 - j for j in range(1, k))      # pairs of exit layers 1..k-1
+    return before + (l - k - 1)
+
+
+def n_pairs(n_layer: int) -> int:
+    return (n_layer - 1) * (n_layer - 2) // 2
+
+
+def normalize(h: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm without the affine: (h - mean) / sqrt(var + eps) over the last axis."""
+    from ..nn import normalize as _n
+    return _n(h, eps)
+
+
+def policy_features(h: np.ndarray, h_prev: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Exit-policy features of states after block k: h [A, C], h_prev [A, C] (after block k-1)
+    -> [A, C + 2] float32: the LayerNorm-normalised h_k, log of its standard deviation, and the
+    cosine of h_k with h_{k-1} (CALM's saturation). About 10 C FLOPs per token."""
+    mu = h.mean(axis=-1, keepdims=True)
+    d = h - mu
+    var = (d * d).mean(axis=-1, keepdims=True)
+    sd = np.sqrt(var + eps)
+    num = np.einsum("ij,ij->i", h, h_prev)
+    den = np.linalg.norm(h, axis=-1) * np.linalg.norm(h_prev, axis=-1)
+    cos = num / np.maximum(den, 1e-12)
+    return np.concatenate([d / sd, np.log(sd), cos[:, None]], axis=-1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AdeptParams:
+    """Calibrated mappers and policy for one model (shapes in the module docstring)."""
+    exit_w: np.ndarray          # [L-1, C, C] float32
+    exit_b: np.ndarray          # [L-1, C]
+    kv_u: np.ndarray            # [P, C, r]  P = (L-1)(L-2)/2 pairs, rank r
+    kv_v: np.ndarray            # [P, r, C]
+    kv_c: np.ndarray            # [P, C]
+    policy_w: np.ndarray        # [L-1, C+2]
+    policy_b: np.ndarray        # [L-1]
+    threshold: float
+    info: dict = field(default_factory=dict)   # settings and fit statistics (JSON-able)
+
+    @property
+    def n_params(self) -> int:
+        """Stored learned parameters (mappers + policy)."""
+        return int(sum(getattr(self, n).size for n in TENSORS))
+
+    def exit_map(self, k: int, h: np.ndarray) -> np.ndarray:
+        """h_k [N, C] -> estimate of h_L [N, C]."""
+        return h @ self.exit_w[k - 1] + self.exit_b[k - 1]
+
+    def kv_map(self, k: int, h: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """h_k [N, C] -> estimated (normalised) inputs of blocks ``layers`` [M, N, C] (0-based
+        indices, all >= k; index k is block k+1, which reads h_k itself)."""
+        n = normalize(h)                                                   # [N, C]
+        L = self.exit_w.shape[0] + 1
+        out = np.empty((len(layers), len(h), h.shape[1]), np.float32)
+        mapped = [i for i, l in enumerate(layers) if l > k]
+        out[[i for i, l in enumerate(layers) if l <= k]] = n
+        if mapped:
+            p = [pair_index(k, int(layers[i]), L) for i in mapped]
+            corr = np.matmul(np.matmul(n[None], self.kv_u[p]), self.kv_v[p])     # [M', N, C]
+            out[mapped] = n[None] + corr + self.kv_c[p][:, None, :]
+        return out
+
+    def score(self, k: int, h: np.ndarray, h_prev: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+        """P(Exit) [A] of the states after block k: ``sigmoid(policy_features(h, h_prev) @ w + b)``,
+        computed without building the feature matrix (decode calls this at every layer)."""
+        w, C = self.policy_w[k - 1], h.shape[1]
+        mu = h.mean(axis=-1, keepdims=True)
+        d = h - mu
+        sd = np.sqrt((d * d).mean(axis=-1) + eps)                              # [A]
+        cos = np.einsum("ij,ij->i", h, h_prev) / np.maximum(
+            np.linalg.norm(h, axis=-1) * np.linalg.norm(h_prev, axis=-1), 1e-12)
+        z = (d @ w[:C]) / sd + np.log(sd) * w[C] + cos * w[C + 1] + self.policy_b[k - 1]
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def save_adept(params: AdeptParams, path) -> None:
+    """Write ``params`` as safetensors (float32 tensors; threshold, format version and the info
+    dict in the metadata)."""
+    from safetensors.numpy import save_file
+    tensors = {name: np.ascontiguousarray(getattr(params, name), dtype=np.float32) for name in TENSORS}
+    meta = {"format_version": FORMAT_VERSION, "threshold": repr(float(params.threshold)),
+            "info": json.dumps(params.info, sort_keys=True)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_adept(path, config) -> AdeptParams:
+    """Read an ``adept.safetensors`` written for a model with ``config``.
+
+    Raises MinadeptError if the file is missing or unreadable, has another format version, lacks
+    a tensor, or a shape does not match the model (naming the tensor and both shapes).
+    """
+    from safetensors import SafetensorError, safe_open
+    p = Path(path)
+    if not p.is_file():
+        raise MinadeptError(f"no calibrated ADEPT policy at {p} (run: minadept calibrate --text FILE)")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MinadeptError(f"cannot read ADEPT policy file {p}: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MinadeptError(f"{p}: ADEPT file format version {meta.get('format_version')!r}, "
+                            f"expected {FORMAT_VERSION!r}")
+    L, C, P = config.n_layer, config.n_embd, n_pairs(config.n_layer)
+    r = tensors["kv_u"].shape[-1] if "kv_u" in tensors and tensors["kv_u"].ndim == 3 else 0
+    want = {"exit_w": (L - 1, C, C), "exit_b": (L - 1, C), "kv_u": (P, C, r), "kv_v": (P, r, C),
+            "kv_c": (P, C), "policy_w": (L - 1, C + 2), "policy_b": (L - 1,)}
+    for name, shape in want.items():
+        if name not in tensors:
+            raise MinadeptError(f"{p}: missing tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise MinadeptError(f"{p}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but this "
+                                f"model (n_layer {L}, n_embd {C}) needs {shape}")
+    try:
+        tau = float(meta["threshold"])
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, ValueError):
+        raise MinadeptError(f"{p}: bad metadata (threshold/info)") from None
+    return AdeptParams(**{k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in want},
+                       threshold=tau, info=info)

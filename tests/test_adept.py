@@ -1,0 +1,225 @@
+"""ADEPT's learned policy and mappers (issue 5): the fits recover known relations from synthetic
+data, the policy file round-trips and rejects a mismatched model, calibration is deterministic for
+a seed, and with the learned policy disabled the engine equals the plain model bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minadept import nn
+from minadept.engine import Engine
+from minadept.errors import MinadeptError
+from minadept.exits.adept import (AdeptParams, load_adept, n_pairs, pair_index, policy_features,
+                                  save_adept)
+from minadept.exits.calibrate import (calibrate, collect_states, fit_kv_maps, fit_logistic,
+                                      fit_ridge, preference_labels)
+from minadept.exits.policies import make_policy
+
+from randmodel import random_model
+
+L = 4
+MODEL = random_model(n_layer=L, n_positions=64, seed=3)
+IDS = np.random.default_rng(0).integers(0, MODEL.config.vocab_size, 1500)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4)
+
+
+# ---------------------------------------------------------------------------- the fits
+
+def test_ridge_recovers_a_known_linear_map():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4000, 12)).astype(np.float32) * 3 + 1
+    A = rng.standard_normal((12, 7)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    Y = X @ A + b + 0.01 * rng.standard_normal((4000, 7)).astype(np.float32)
+    W, c = fit_ridge(X, Y, lam=1e-8)
+    assert np.abs(W - A).max() < 2e-3, np.abs(W - A).max()
+    assert np.abs(c - b).max() < 5e-3, np.abs(c - b).max()
+
+
+def test_logistic_recovers_known_weights():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((100000, 3)) * np.array([1.0, 3.0, 0.5]) + np.array([0.0, 2.0, -1.0])
+    w_true, b_true = np.array([1.5, -0.4, 2.0]), 0.7
+    p = 1 / (1 + np.exp(-(X @ w_true + b_true)))
+    t = (rng.random(len(X)) < p).astype(np.float64)
+    w, b = fit_logistic(X, t, l2=0.0)
+    assert np.abs(w - w_true).max() < 0.1, (w, w_true)       # standard errors here are ~0.03
+    assert abs(b - b_true) < 0.1, (b, b_true)
+
+
+def test_preference_labels_follow_the_reward():
+    # one token, L = 3: T_1 = -0.5, T_2 = -0.1, T_3 = 0 (full depth); C_k = k / 3
+    T = np.array([[0.0], [-0.5], [-0.1], [0.0]])
+    # W = 0: quality only; exit at 1 or 2 is never preferred to full depth (T_3 = 0 is best)
+    assert preference_labels(T, 0.0)[:, 0].tolist() == [False, False]
+    # W = 0.6: U = -0.7, -0.5, -0.6 -> exit at 2 preferred; exit at 1 not (2 beats it)
+    assert preference_labels(T, 0.6)[:, 0].tolist() == [False, True]
+    # W = 3: U = -1.5, -2.1, -3 -> exit at 1 preferred, and at 2 (over 3)
+    assert preference_labels(T, 3.0)[:, 0].tolist() == [True, True]
+
+
+def test_kv_maps_fit_better_than_copying_the_exit_state():
+    """On the data they were fitted to, least squares cannot lose to the zero correction."""
+    wins = np.stack([IDS[i * 64:(i + 1) * 64 + 1] for i in range(6)])
+    H = collect_states(Engine(MODEL), wins)
+    U, V, c = fit_kv_maps(H, rank=6, lam=1e-6)
+    for k in range(1, L):
+        n_k = nn.normalize(H[k], 1e-5)
+        for l in range(k + 1, L):
+            p = pair_index(k, l, L)
+            target = nn.normalize(H[l], 1e-5)
+            err_map = ((n_k + n_k @ U[p] @ V[p] + c[p] - target) ** 2).mean()
+            err_copy = ((n_k - target) ** 2).mean()
+            assert err_map < 0.9 * err_copy, (k, l, err_map, err_copy)
+
+
+def test_pair_index_is_a_bijection():
+    for n_layer in (2, 3, 4, 12):
+        idx = [pair_index(k, l, n_layer) for k in range(1, n_layer) for l in range(k + 1, n_layer)]
+        assert idx == list(range(n_pairs(n_layer)))
+
+
+def test_kv_map_formula_and_identity_at_the_exit_block(params):
+    rng = np.random.default_rng(2)
+    h = rng.standard_normal((5, MODEL.config.n_embd)).astype(np.float32)
+    out = params.kv_map(1, h, np.arange(1, L))
+    n = nn.normalize(h, 1e-5)
+    np.testing.assert_allclose(out[0], n, rtol=0, atol=1e-6)        # block 2 reads h_1 itself
+    for i, l in enumerate(range(2, L), start=1):
+        p = pair_index(1, l, L)
+        np.testing.assert_allclose(out[i], n + n @ params.kv_u[p] @ params.kv_v[p] + params.kv_c[p],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_policy_features_shape_and_values():
+    rng = np.random.default_rng(3)
+    h, hp = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    f = policy_features(h, hp)
+    assert f.shape == (4, 18) and f.dtype == np.float32
+    np.testing.assert_allclose(f[:, :16], nn.normalize(h, 1e-5), atol=1e-5)
+    np.testing.assert_allclose(f[:, 16], np.log(np.sqrt(h.var(-1) + 1e-5)), atol=1e-5)
+    cos = (h * hp).sum(-1) / np.linalg.norm(h, axis=-1) / np.linalg.norm(hp, axis=-1)
+    np.testing.assert_allclose(f[:, 17], cos, atol=1e-5)
+
+
+def test_policy_score_equals_sigmoid_of_the_features(params):
+    rng = np.random.default_rng(4)
+    h, hp = (rng.standard_normal((2, 6, MODEL.config.n_embd)) * 3).astype(np.float32)
+    for k in range(1, L):
+        z = policy_features(h, hp).astype(np.float64) @ params.policy_w[k - 1] + params.policy_b[k - 1]
+        np.testing.assert_allclose(params.score(k, h, hp), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the file
+
+def test_policy_file_round_trips(params, tmp_path):
+    path = tmp_path / "adept.safetensors"
+    save_adept(params, path)
+    back = load_adept(path, MODEL.config)
+    for name in ("exit_w", "exit_b", "kv_u", "kv_v", "kv_c", "policy_w", "policy_b"):
+        assert np.array_equal(getattr(back, name), getattr(params, name)), name
+    assert back.threshold == params.threshold
+    assert back.info == params.info
+
+
+def test_policy_file_for_another_model_is_a_clear_error(params, tmp_path):
+    path = tmp_path / "adept.safetensors"
+    save_adept(params, path)
+    other = random_model(n_layer=L, n_embd=48, n_positions=64)
+    with pytest.raises(MinadeptError, match=r"tensor 'exit_w' has shape \(3, 32, 32\).*needs \(3, 48, 48\)"):
+        load_adept(path, other.config)
+    deeper = random_model(n_layer=L + 1, n_positions=64)
+    with pytest.raises(MinadeptError, match="n_layer 5"):
+        load_adept(path, deeper.config)
+    with pytest.raises(MinadeptError, match="no calibrated ADEPT policy"):
+        load_adept(tmp_path / "missing.safetensors", MODEL.config)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MinadeptError, match="cannot read ADEPT policy file"):
+        load_adept(tmp_path / "junk.safetensors", MODEL.config)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+def test_calibration_is_deterministic_for_a_seed(params):
+    again = calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4)
+    other = calibrate(MODEL, IDS, seed=2, max_tokens=64 * 8, kv_rank=4)
+    for name in ("exit_w", "exit_b", "kv_u", "kv_v", "kv_c", "policy_w", "policy_b"):
+        assert np.array_equal(getattr(again, name), getattr(params, name)), name
+    assert again.threshold == params.threshold and again.info == params.info
+    assert not np.array_equal(other.exit_w, params.exit_w)
+
+
+def test_calibration_statistics_are_sane(params):
+    info = params.info
+    assert info["calibration_tokens"] == 6 * 64 and info["heldout_tokens"] == 2 * 64
+    assert len(info["exit_map_r2"]) == L - 1 and all(r <= 1 for r in info["exit_map_r2"])
+    assert all(kl >= 0 for kl in info["mean_kl_by_layer"])
+    rows = info["threshold_search"]["rows"]
+    assert params.threshold in [r["tau"] for r in rows]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_tokens=64), "--max-tokens must be at least 128"),
+    (dict(cost_weight=-1.0), "--cost-weight"),
+    (dict(cost_weight=float("nan")), "--cost-weight"),
+    (dict(target_ppl_increase=0.0), "--target-ppl-increase"),
+    (dict(kv_rank=0), "--kv-rank"),
+])
+def test_calibration_rejects_bad_settings(kw, msg):
+    with pytest.raises(MinadeptError, match=msg):
+        calibrate(MODEL, IDS, **kw)
+
+
+def test_calibration_rejects_too_little_text():
+    with pytest.raises(MinadeptError, match="calibration text"):
+        calibrate(MODEL, IDS[:40], max_tokens=256)
+
+
+# ---------------------------------------------------------------------------- the engine
+
+def _run(engine, ids):
+    cache = engine.new_cache(len(ids) + 4)
+    r = engine.forward(ids[:-4], cache, all_logits=True)
+    steps = [engine.forward([t], cache, step=i + 1) for i, t in enumerate(ids[-4:])]
+    return r, steps, cache
+
+
+def test_disabled_policy_and_identity_mappers_leave_the_engine_unchanged(params):
+    ids = IDS[:40]
+    r0, s0, c0 = _run(Engine(MODEL), ids)
+    never = make_policy("adept", MODEL.config, threshold=1.0, adept=params)
+    for mappers in ({}, dict(exit_mapper=params.exit_map, kv_mapper=params.kv_map)):
+        r, s, c = _run(Engine(MODEL, never, **mappers), ids)
+        assert (r.exit_layers == L).all()
+        assert np.array_equal(r.logits, r0.logits)
+        assert all(np.array_equal(a.logits, b.logits) for a, b in zip(s, s0))
+        assert np.array_equal(c.kv, c0.kv)
+
+
+def test_learned_policy_exits_and_uses_the_mappers(params):
+    ids = IDS[:40]
+    eager = make_policy("adept", MODEL.config, threshold=0.0, adept=params)   # exits at layer 1
+    r_id = Engine(MODEL, eager).forward(ids, Engine(MODEL).new_cache(40), all_logits=True)
+    cache = Engine(MODEL).new_cache(40)
+    eng = Engine(MODEL, eager, exit_mapper=params.exit_map, kv_mapper=params.kv_map)
+    r = eng.forward(ids, cache, all_logits=True)
+    assert (r.exit_layers == 1).all()
+    h1 = collect_states(Engine(MODEL), ids[None, :])[1]                      # h_1 of every token
+    want = eng.predict(h1[:1], 1)
+    np.testing.assert_allclose(r.logits[0], want[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(r.logits, r_id.logits)                          # the mapper changed them
+
+
+def test_adept_without_calibration_is_an_error():
+    with pytest.raises(MinadeptError, match="needs a calibrated adept.safetensors"):
+        make_policy("adept", MODEL.config)
+
+
+def test_default_threshold_comes_from_the_file(params):
+    pol = make_policy("adept", MODEL.config, adept=params)
+    assert pol.schedule.tau == params.threshold
+    assert make_policy("adept", MODEL.config, adept=params, threshold=0.3).schedule.tau == 0.3

@@ -1,0 +1,105 @@
+"""``minadept calibrate`` and ``--exit adept`` on the embedded model (issue 5): the shipped policy
+file fits its budget and loads, calibration runs end to end from the CLI, bad settings are
+one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minadept.checkpoint import default_model_dir
+from minadept.exits.adept import ADEPT_FILE, AdeptParams, load_adept, save_adept
+from minadept.model import Model
+
+TRAIN = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.txt"
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "minadept", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_error_line(r):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    return r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_shipped_policy_loads_and_fits_the_budget():
+    model = Model.load()
+    p = load_adept(model.path / ADEPT_FILE, model.config)
+    assert p.n_params <= 0.15 * model.n_params, (p.n_params, model.n_params)
+    assert 0 < p.threshold <= 1
+    size = sum(f.stat().st_size for f in default_model_dir().iterdir() if f.is_file())
+    assert size < 80e6, size
+
+
+def test_generate_with_adept_reports_exits():
+    r = cli("generate", "Once upon a time", "--exit", "adept", "--temperature", "0",
+            "--max-new-tokens", "24", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stderr.strip().splitlines()[-1])
+    assert len(s["exit_layers"]) >= 1 and all(1 <= k <= 12 for k in s["exit_layers"])
+    assert s["compute_fraction"] is not None
+
+
+def test_identity_mappers_change_the_predictions():
+    """Same policy and threshold; the learned exit map must matter when tokens exit."""
+    outs = []
+    for m in ("learned", "identity"):
+        r = cli("generate", "Once upon a time", "--exit", "adept", "--threshold", "0.5",
+                "--temperature", "0", "--max-new-tokens", "16", "--exit-map", m, "--json")
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] != outs[1]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["generate", "x", "--exit", "adept", "--adept", "/nonexistent/adept.safetensors"], "no calibrated ADEPT policy"),
+    (["generate", "x", "--exit-map", "identity"], "--exit-map works only with --exit adept"),
+    (["generate", "x", "--exit", "adept", "--kv-map", "sometimes"], "--kv-map must be learned or identity"),
+    (["generate", "x", "--exit", "adept", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
+    (["calibrate", "--text", "/nonexistent.txt"], "text file not found"),
+    (["calibrate", "--text", str(TRAIN), "--max-tokens", "10"], "--max-tokens must be at least 512"),
+    (["calibrate", "--text", str(TRAIN), "--cost-weight", "-1"], "--cost-weight"),
+    (["calibrate", "--text", str(TRAIN), "--out", "/nonexistent/dir/x.safetensors"], "output directory does not exist"),
+])
+def test_bad_adept_settings_are_one_line_errors(args, msg):
+    r = cli(*args)
+    assert one_error_line(r), r.stderr
+    assert msg in r.stderr, r.stderr
+
+
+def test_policy_file_of_another_shape_is_one_line_error(tmp_path):
+    L, C = 4, 16
+    bad = AdeptParams(np.zeros((L - 1, C, C), np.float32), np.zeros((L - 1, C), np.float32),
+                      np.zeros((3, C, 2), np.float32), np.zeros((3, 2, C), np.float32),
+                      np.zeros((3, C), np.float32), np.zeros((L - 1, C + 2), np.float32),
+                      np.zeros(L - 1, np.float32), threshold=0.9)
+    path = tmp_path / "other.safetensors"
+    save_adept(bad, path)
+    r = cli("generate", "x", "--exit", "adept", "--adept", str(path))
+    assert one_error_line(r), r.stderr
+    assert "tensor 'exit_w' has shape (3, 16, 16)" in r.stderr
+
+
+@pytest.mark.skipif(not TRAIN.is_file(), reason="needs ../shared/corpus/train.txt")
+def test_calibrate_command_end_to_end(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(TRAIN.read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    out = tmp_path / "adept.safetensors"
+    r = cli("calibrate", "--text", str(text), "--max-tokens", "1024", "--out", str(tmp_path), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "default threshold" in r.stdout
+    model = Model.load()
+    p = load_adept(out, model.config)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["seed"] == 3 and info["calibration_tokens"] == 3 * 256
+    assert p.threshold in [row["tau"] for row in info["threshold_search"]["rows"]]
+    r = cli("eval", "--text", str(text), "--max-tokens", "600", "--exit", "adept", "--adept", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["exit"] == "adept" and res["threshold"] == p.threshold

@@ -9,7 +9,7 @@ built with MINADEPT_BOUNDSCHECK=1.
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.math cimport exp, sqrt, tanh
+from libc.math cimport exp, log, sqrt, tanh
 
 ctypedef const float[:, ::1] cmat
 ctypedef const float[:, :, :] cten
@@ -144,4 +144,41 @@ def cosine_rows(cmat a, cmat b):
                 bb += <double>b[i, j] * b[i, j]
             c = ab / (sqrt(aa) * sqrt(bb)) if aa > 0 and bb > 0 else 0.0
             out[i] = <float>(1.0 if c > 1.0 else (-1.0 if c < -1.0 else c))
+    return out_arr
+
+
+def adept_logit(cmat h, cmat h_prev, const float[::1] w, double b, double eps):
+    """Twin of ``exits.adept.adept_logit_numpy``: the learned exit policy's logit for states
+    h [N, C] after block k and h_prev [N, C] after block k-1, with weights w [C + 2] and bias b
+    -> [N] float64: ``(h - mean) / sd . w[:C] + log(sd) w[C] + cos(h, h_prev) w[C+1] + b``,
+    sd = sqrt(var + eps). One pass over each row, no temporaries (the ADEPT gating check)."""
+    cdef Py_ssize_t N = h.shape[0], C = h.shape[1], i, j
+    if h_prev.shape[0] != N or h_prev.shape[1] != C or w.shape[0] != C + 2:
+        raise ValueError("adept_logit: shapes do not match")
+    out_arr = np.empty(N, dtype=np.float64)
+    cdef double[::1] out = out_arr
+    cdef double s, x, y, d, dw, var, hp, hh, pp, mu, sd, cos
+    with nogil:
+        for i in range(N):
+            s = 0.0
+            hh = 0.0
+            hp = 0.0
+            pp = 0.0
+            for j in range(C):                       # pass 1: mean and the cosine's sums
+                x = h[i, j]
+                y = h_prev[i, j]
+                s += x
+                hh += x * x
+                hp += x * y
+                pp += y * y
+            mu = s / C
+            var = 0.0
+            dw = 0.0
+            for j in range(C):                       # pass 2: centred variance and (h - mu) . w
+                d = h[i, j] - mu
+                var += d * d
+                dw += d * w[j]
+            sd = sqrt(var / C + eps)
+            cos = hp / (sqrt(hh) * sqrt(pp)) if hh > 0 and pp > 0 else 0.0
+            out[i] = dw / sd + log(sd) * w[C] + cos * w[C + 1] + b
     return out_arr

@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-valid", action="store_true", help="also score all of valid.txt at the default")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="re-time speed only; reuse the quality results of the existing adept_sweep.json")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     threadpool_limits(args.threads)
@@ -88,6 +90,20 @@ def main(argv=None):
     prompts, ids = prompts_from_valid(model.tokenizer, args.prompts, args.prompt_tokens)
     eval_ids = ids[: args.eval_tokens]
     full = Engine(model)
+    out = Path(args.out)
+    if args.speed_only:
+        old = json.loads((out / "adept_sweep.json").read_text())
+        rows, ablation, whole = old["sweep"], old["mapper_ablation"], old["whole_valid"]
+        eval_ids = ids[: old["eval_tokens"]]
+    else:
+        rows, ablation, whole = quality(model, params, full, ids, eval_ids, args.full_valid)
+    per, every = dominance(rows)
+    speed, mean_gen_exit = timing(model, params, full, prompts, args)
+    write(out, model, params, args, eval_ids, rows, per, every, ablation, speed, mean_gen_exit, whole)
+
+
+def quality(model, params, full, ids, eval_ids, full_valid):
+    cfg, L, tau0 = model.config, model.config.n_layer, params.threshold
     ref = reference_top1(full, eval_ids)
     full_q = evaluate(full, eval_ids, ref)
     print(f"model {model.path.name}; adept default threshold {tau0} "
@@ -107,7 +123,6 @@ def main(argv=None):
         setting = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold", "tau")
         rows.append(quality_row(name, setting, evaluate(eng, eval_ids, ref)))
         print(fmt(rows[-1]), flush=True)
-    per, every = dominance(rows)
 
     # 2. mappers vs identity at the default threshold
     ablation = []
@@ -120,15 +135,30 @@ def main(argv=None):
         ablation.append(quality_row("adept", label, q))
         print(fmt(ablation[-1]), flush=True)
 
-    # 3. speed at the default threshold
+    # 4. whole valid.txt
+    whole = None
+    if full_valid:
+        f = evaluate(full, ids)
+        a = evaluate(adept_engine(model, params, tau0), ids)
+        whole = dict(tokens=f["tokens"], full_ppl=f["ppl"], adept_ppl=a["ppl"],
+                     ppl_increase=a["ppl"] / f["ppl"] - 1, compute_fraction=a["compute_fraction"],
+                     mean_exit_layer=a["mean_exit_layer"])
+        print(f"all of valid.txt ({f['tokens']} tokens): full ppl {f['ppl']:.3f}, adept {a['ppl']:.3f} "
+              f"(+{whole['ppl_increase']:.1%}), compute {a['compute_fraction']:.3f}", flush=True)
+    return rows, ablation, whole
+
+
+def timing(model, params, full, prompts, args):
+    """3. speed at the default threshold, paired with full depth; mean exit of greedy decode."""
+    tau0 = params.threshold
     time_generation(full, prompts[:1], 8)
     speed = []
-    for fill in ("eager", "lazy"):
-        eng = adept_engine(model, params, tau0, fill=fill)
+    for tau, fill in [(tau0, "eager"), (tau0, "lazy"), (0.9, "eager"), (0.8, "eager"), (0.7, "eager")]:
+        eng = adept_engine(model, params, tau, fill=fill)
         (bp, bd), (p, d) = paired_speed(full, eng, prompts, args.new_tokens, args.rounds)
-        speed.append(dict(setting=f"adept tau={tau0} {fill}", full_prefill=bp, full_decode=bd,
+        speed.append(dict(setting=f"adept tau={tau} {fill}", full_prefill=bp, full_decode=bd,
                           prefill=p, decode=d, prefill_ratio=p / bp, decode_ratio=d / bd))
-        print(f"speed {fill}: prefill {p:.0f} vs {bp:.0f} tok/s = {p / bp:.2f}x, "
+        print(f"speed tau={tau} {fill}: prefill {p:.0f} vs {bp:.0f} tok/s = {p / bp:.2f}x, "
               f"decode {d:.1f} vs {bd:.1f} tok/s = {d / bd:.2f}x", flush=True)
     gen_exits = []
     eng = adept_engine(model, params, tau0)
@@ -140,19 +170,11 @@ def main(argv=None):
             r = eng.forward([tok], cache, step=i + 1)
             gen_exits.append(int(r.exit_layers[-1]))
             tok = int(r.logits[-1].argmax())
-    mean_gen_exit = sum(gen_exits) / len(gen_exits)
+    return speed, sum(gen_exits) / len(gen_exits)
 
-    # 4. whole valid.txt
-    whole = None
-    if args.full_valid:
-        f = evaluate(full, ids)
-        a = evaluate(adept_engine(model, params, tau0), ids)
-        whole = dict(tokens=f["tokens"], full_ppl=f["ppl"], adept_ppl=a["ppl"],
-                     ppl_increase=a["ppl"] / f["ppl"] - 1, compute_fraction=a["compute_fraction"],
-                     mean_exit_layer=a["mean_exit_layer"])
-        print(f"all of valid.txt ({f['tokens']} tokens): full ppl {f['ppl']:.3f}, adept {a['ppl']:.3f} "
-              f"(+{whole['ppl_increase']:.1%}), compute {a['compute_fraction']:.3f}", flush=True)
 
+def write(out, model, params, args, eval_ids, rows, per, every, ablation, speed, mean_gen_exit, whole):
+    tau0 = params.threshold
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(threshold=tau0, eval_tokens=len(eval_ids), sweep=rows, dominance=per,
@@ -172,7 +194,7 @@ def main(argv=None):
     md += [f"- {p}: {len(v)} ({', '.join(v) or 'none'})" for p, v in per.items()]
     md += ["", f"- a point of every training-free policy at once: {len(every)} ({', '.join(every) or 'none'})", "",
            f"## Mappers vs identity (adept tau={tau0})", "", head, *map(fmt, ablation), "",
-           f"## Speed at the default threshold ({args.prompts} prompts x {args.prompt_tokens} tokens, "
+           f"## Speed at the default threshold and below it ({args.prompts} prompts x {args.prompt_tokens} tokens, "
            f"{args.new_tokens} greedy new tokens, alternating rounds with full depth, medians)", "",
            "| setting | prefill tok/s (full) | decode tok/s (full) | prefill x | decode x |", "|---|---:|---:|---:|---:|"]
     md += [f"| {s['setting']} | {s['prefill']:.0f} ({s['full_prefill']:.0f}) | {s['decode']:.1f} ({s['full_decode']:.1f}) | "

@@ -108,6 +108,20 @@ def test_cosine_rows(data, n, c):
 
 
 @needs_fast
+@SETTINGS
+@given(data=st.data(), n=st.integers(0, 8), c=st.integers(1, 300))
+def test_adept_logit(data, n, c):
+    """The learned exit policy's gating check (issue 5's ``adept`` policy) vs its float64 twin."""
+    from minadept.exits.adept import adept_logit_numpy
+    h, hp = data.draw(arrays((n, c))), data.draw(arrays((n, c)))
+    w = data.draw(arrays((c + 2,), scale=data.draw(st.sampled_from([1e-2, 1.0, 10.0]))))
+    b = data.draw(st.floats(-20, 20))
+    if n > 1:
+        hp[1] = 0.0                                       # a zero row: cosine 0 by convention
+    close(K.adept_logit(h, hp, w, b, 1e-5), adept_logit_numpy(h, hp, w, b), "adept_logit")
+
+
+@needs_fast
 def test_backend_switch(monkeypatch):
     monkeypatch.setenv("MINADEPT_BACKEND", "numpy")
     assert backend.select()[0] == "numpy"

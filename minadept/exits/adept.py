@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import backend
 from ..errors import MinadeptError
 
 ADEPT_FILE = "adept.safetensors"
@@ -101,17 +102,31 @@ class AdeptParams:
             out[mapped] = n[None] + corr + self.kv_c[p][:, None, :]
         return out
 
-    def score(self, k: int, h: np.ndarray, h_prev: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-        """P(Exit) [A] of the states after block k: ``sigmoid(policy_features(h, h_prev) @ w + b)``,
-        computed without building the feature matrix (decode calls this at every layer)."""
-        w, C = self.policy_w[k - 1], h.shape[1]
-        mu = h.mean(axis=-1, keepdims=True)
-        d = h - mu
-        sd = np.sqrt((d * d).mean(axis=-1) + eps)                              # [A]
-        cos = np.einsum("ij,ij->i", h, h_prev) / np.maximum(
-            np.linalg.norm(h, axis=-1) * np.linalg.norm(h_prev, axis=-1), 1e-12)
-        z = (d @ w[:C]) / sd + np.log(sd) * w[C] + cos * w[C + 1] + self.policy_b[k - 1]
+    def score(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
+        """P(Exit) [A] float64 of the states after block k: ``sigmoid(policy_features(h, h_prev)
+        @ w + b)``; the logit comes from the Cython kernel on the fast backend (decode calls this
+        at every layer), else from ``adept_logit_numpy``."""
+        w, b = self.policy_w[k - 1], float(self.policy_b[k - 1])
+        K = backend.kernels()
+        if K is not None:
+            z = K.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
+                              np.ascontiguousarray(h_prev, dtype=np.float32), w, b, 1e-5)
+        else:
+            z = adept_logit_numpy(h, h_prev, w, b)
         return 1.0 / (1.0 + np.exp(-z))
+
+
+def adept_logit_numpy(h: np.ndarray, h_prev: np.ndarray, w: np.ndarray, b: float,
+                      eps: float = 1e-5) -> np.ndarray:
+    """The policy's logit ``policy_features(h, h_prev) @ w + b`` [A] float64 without building the
+    feature matrix (NumPy twin of the ``adept_logit`` kernel). h, h_prev [A, C]; w [C + 2]."""
+    C = h.shape[1]
+    h64, p64 = h.astype(np.float64), h_prev.astype(np.float64)
+    d = h64 - h64.mean(axis=-1, keepdims=True)
+    sd = np.sqrt((d * d).mean(axis=-1) + eps)                              # [A]
+    nh, npv = np.linalg.norm(h64, axis=-1), np.linalg.norm(p64, axis=-1)
+    cos = np.where((nh > 0) & (npv > 0), np.einsum("ij,ij->i", h64, p64) / np.maximum(nh * npv, 1e-300), 0.0)
+    return (d @ w[:C]) / sd + np.log(sd) * w[C] + cos * w[C + 1] + b
 
 
 def save_adept(params: AdeptParams, path) -> None:

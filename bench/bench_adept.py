@@ -30,6 +30,7 @@ from bench_exits import paired_speed, prompts_from_valid, time_generation
 from minadept.engine import Engine
 from minadept.evaluate import SWEEP, evaluate, plot_sweep, reference_top1
 from minadept.exits.adept import ADEPT_FILE, load_adept
+from minadept.exits.adept import adept_engine as engine_with_maps
 from minadept.exits.policies import make_policy
 from minadept.model import Model
 
@@ -39,8 +40,7 @@ ADEPT_TAUS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99]
 
 def adept_engine(model, params, tau, exit_map=True, kv_map=True, **kw):
     pol = make_policy("adept", model.config, threshold=tau, adept=params)
-    return Engine(model, pol, exit_mapper=params.exit_map if exit_map else None,
-                  kv_mapper=params.kv_map if kv_map else None, **kw)
+    return engine_with_maps(model, pol, params, exit_map=exit_map, kv_map=kv_map, **kw)
 
 
 def dominates(a, b):
@@ -80,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--full-valid", action="store_true", help="also score all of valid.txt at the default")
     ap.add_argument("--speed-only", action="store_true",
                     help="re-time speed only; reuse the quality results of the existing adept_sweep.json")
+    ap.add_argument("--ablation-only", action="store_true",
+                    help="re-run the mapper ablation only; reuse the rest of the existing adept_sweep.json")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     threadpool_limits(args.threads)
@@ -91,14 +93,19 @@ def main(argv=None):
     eval_ids = ids[: args.eval_tokens]
     full = Engine(model)
     out = Path(args.out)
-    if args.speed_only:
+    if args.speed_only or args.ablation_only:
         old = json.loads((out / "adept_sweep.json").read_text())
         rows, ablation, whole = old["sweep"], old["mapper_ablation"], old["whole_valid"]
         eval_ids = ids[: old["eval_tokens"]]
+        if args.ablation_only:
+            ablation = mapper_ablation(model, params, eval_ids, reference_top1(full, eval_ids))
     else:
         rows, ablation, whole = quality(model, params, full, ids, eval_ids, args.full_valid)
     per, every = dominance(rows)
-    speed, mean_gen_exit = timing(model, params, full, prompts, args)
+    if args.ablation_only:
+        speed, mean_gen_exit = old["speed"], old["greedy_decode_mean_exit_layer"]
+    else:
+        speed, mean_gen_exit = timing(model, params, full, prompts, args)
     write(out, model, params, args, eval_ids, rows, per, every, ablation, speed, mean_gen_exit, whole)
 
 
@@ -124,16 +131,8 @@ def quality(model, params, full, ids, eval_ids, full_valid):
         rows.append(quality_row(name, setting, evaluate(eng, eval_ids, ref)))
         print(fmt(rows[-1]), flush=True)
 
-    # 2. mappers vs identity at the default threshold
-    ablation = []
-    for label, kw in [("learned exit map + learned K/V map", {}),
-                      ("identity exit map + learned K/V map", dict(exit_map=False)),
-                      ("learned exit map + identity K/V map", dict(kv_map=False)),
-                      ("identity exit map + identity K/V map", dict(exit_map=False, kv_map=False)),
-                      ("learned exit map + oracle K/V (upper bound)", dict(kv_map=False, kv="oracle"))]:
-        q = evaluate(adept_engine(model, params, tau0, **kw), eval_ids, ref)
-        ablation.append(quality_row("adept", label, q))
-        print(fmt(ablation[-1]), flush=True)
+    # 2. mappers vs identity
+    ablation = mapper_ablation(model, params, eval_ids, ref)
 
     # 4. whole valid.txt
     whole = None
@@ -146,6 +145,22 @@ def quality(model, params, full, ids, eval_ids, full_valid):
         print(f"all of valid.txt ({f['tokens']} tokens): full ppl {f['ppl']:.3f}, adept {a['ppl']:.3f} "
               f"(+{whole['ppl_increase']:.1%}), compute {a['compute_fraction']:.3f}", flush=True)
     return rows, ablation, whole
+
+
+def mapper_ablation(model, params, eval_ids, ref, taus=None):
+    """Exit map and K/V map each learned vs identity at the default threshold and at 0.8 (where
+    tokens exit earlier and skip more layers), plus the oracle-K/V upper bound."""
+    rows = []
+    for tau in taus or (params.threshold, 0.8):
+        for label, kw in [("learned exit map + learned K/V map", {}),
+                          ("identity exit map + learned K/V map", dict(exit_map=False)),
+                          ("learned exit map + identity K/V map", dict(kv_map=False)),
+                          ("identity exit map + identity K/V map", dict(exit_map=False, kv_map=False)),
+                          ("learned exit map + oracle K/V (upper bound)", dict(kv_map=False, kv="oracle"))]:
+            q = evaluate(adept_engine(model, params, tau, **kw), eval_ids, ref)
+            rows.append(quality_row("adept", f"tau={tau}: {label}", q))
+            print(fmt(rows[-1]), flush=True)
+    return rows
 
 
 def timing(model, params, full, prompts, args):
@@ -193,7 +208,7 @@ def write(out, model, params, args, eval_ids, rows, per, every, ablation, speed,
           "lower compute) at least one point of each training-free policy:", ""]
     md += [f"- {p}: {len(v)} ({', '.join(v) or 'none'})" for p, v in per.items()]
     md += ["", f"- a point of every training-free policy at once: {len(every)} ({', '.join(every) or 'none'})", "",
-           f"## Mappers vs identity (adept tau={tau0})", "", head, *map(fmt, ablation), "",
+           "## Mappers vs identity (same policy and threshold)", "", head, *map(fmt, ablation), "",
            f"## Speed at the default threshold and below it ({args.prompts} prompts x {args.prompt_tokens} tokens, "
            f"{args.new_tokens} greedy new tokens, alternating rounds with full depth, medians)", "",
            "| setting | prefill tok/s (full) | decode tok/s (full) | prefill x | decode x |", "|---|---:|---:|---:|---:|"]

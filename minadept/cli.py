@@ -33,7 +33,7 @@ def _add_model(p):
 
 def _add_policy(p):
     g = p.add_argument_group("early exit (ADEPT engine)")
-    g.add_argument("--exit", default="none", help="none, fixed, confidence, margin, saturation, adept")
+    g.add_argument("--exit", default="none", help="{none,fixed,confidence,margin,saturation,adept}")
     g.add_argument("--threshold", type=_float, default=None, help="exit when score > threshold (0..1)")
     g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
     g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
@@ -41,9 +41,9 @@ def _add_policy(p):
     g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop, oracle")
     g.add_argument("--kv-fill", default="eager", help="eager or lazy (lazy only with --kv propagate)")
     g.add_argument("--adept", default=None,
-                   help="calibrated policy file (default: adept.safetensors in the model directory)")
-    g.add_argument("--exit-map", default=None, help="with --exit adept: learned (default) or identity")
-    g.add_argument("--kv-map", default=None, help="with --exit adept: learned (default) or identity")
+                   help="calibrated policy file or its directory (default: adept.safetensors in the model directory)")
+    g.add_argument("--exit-map", default=None, help="{learned,identity} with --exit adept (default learned)")
+    g.add_argument("--kv-map", default=None, help="{learned,identity} with --exit adept (default learned)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,10 +110,11 @@ def _engine(args, model):
     policy = make_policy(args.exit, model.config, threshold=args.threshold, exit_layer=args.exit_layer,
                          min_exit_layer=args.min_exit_layer, schedule=args.schedule,
                          horizon=getattr(args, "max_new_tokens", 128) or 128, adept=adept)
-    learned = lambda flag: adept is not None and (flag or "learned") == "learned"
-    return Engine(model, policy, kv=args.kv, fill=args.kv_fill,
-                  exit_mapper=adept.exit_map if learned(args.exit_map) else None,
-                  kv_mapper=adept.kv_map if learned(args.kv_map) and args.kv != "oracle" else None)
+    if adept is None:
+        return Engine(model, policy, kv=args.kv, fill=args.kv_fill)
+    from .exits.adept import adept_engine
+    return adept_engine(model, policy, adept, exit_map=args.exit_map != "identity",
+                        kv_map=args.kv_map != "identity" and args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
 
 
 def _load_adept(args, model):
@@ -121,7 +122,9 @@ def _load_adept(args, model):
     if args.exit != "adept":
         return None
     from .exits.adept import ADEPT_FILE, load_adept
-    return load_adept(args.adept or model.path / ADEPT_FILE, model.config)
+    from pathlib import Path
+    path = Path(args.adept) if args.adept else model.path / ADEPT_FILE
+    return load_adept(path / ADEPT_FILE if path.is_dir() else path, model.config)
 
 
 def _check_policy_args(args):
@@ -129,11 +132,21 @@ def _check_policy_args(args):
     if args.kv_fill == "lazy" and args.kv != "propagate":
         raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {args.kv}")
     for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map), ("--adept", args.adept)):
-        if value is not None and args.exit != "adept":
-            raise MinadeptError(f"{flag} works only with --exit adept")
+        if value is not None and args.exit != "adept" and not (flag == "--adept" and getattr(args, "sweep", False)):
+            raise MinadeptError(f"{flag} works only with --exit adept" + (" or eval --sweep" if flag == "--adept" else ""))
     for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map)):
         if value not in (None, "learned", "identity"):
             raise MinadeptError(f"{flag} must be learned or identity, got {value!r}")
+    if args.kv_map == "learned" and args.kv != "propagate":
+        raise MinadeptError(f"--kv-map learned works only with --kv propagate (--kv {args.kv} computes K/V its own way)")
+    if args.adept is not None and not args.adept.strip():
+        raise MinadeptError("--adept is empty (give the policy file or its directory)")
+    if getattr(args, "sweep", False):
+        for flag, value in (("--exit", None if args.exit == "none" else args.exit), ("--threshold", args.threshold),
+                            ("--exit-layer", args.exit_layer), ("--min-exit-layer", args.min_exit_layer),
+                            ("--exit-map", args.exit_map), ("--kv-map", args.kv_map)):
+            if value is not None:
+                raise MinadeptError(f"{flag} has no effect with --sweep (it runs every policy at its own settings)")
 
 
 # ----------------------------------------------------------------------------- generate
@@ -270,31 +283,64 @@ def cmd_calibrate(args) -> int:
 
     from .evaluate import read_token_stream
     from .exits.adept import ADEPT_FILE, save_adept
-    from .exits.calibrate import calibrate
+    from safetensors import SafetensorError
+
+    from .exits.calibrate import calibrate, check_settings
     from .model import Model
     if args.max_tokens < 1:
         raise MinadeptError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.kv_rank < 1:
+        raise MinadeptError(f"--kv-rank must be >= 1, got {args.kv_rank}")
     model = Model.load(args.model)
-    out = Path(args.out) if args.out else model.path / ADEPT_FILE
-    if out.is_dir():
-        out = out / ADEPT_FILE
-    if not out.parent.is_dir():
-        raise MinadeptError(f"output directory does not exist: {out.parent}")
+    check_settings(model.config, cost_weight=args.cost_weight, max_tokens=args.max_tokens,
+                   target_ppl_increase=args.target_ppl_increase, kv_rank=args.kv_rank)
+    out = _calibrate_output(args.out, model.path / ADEPT_FILE)
     ids = read_token_stream(model.tokenizer, args.text)
-    bar = lambda total, desc: tqdm(total=total, desc=desc, unit="tok" if "tau" not in desc else "it",
+    bar = lambda total, desc: tqdm(total=total, desc=desc, unit="tau" if "threshold" in desc else "tok",
                                    file=sys.stderr, leave=False)
     params = calibrate(model, ids, cost_weight=args.cost_weight, seed=args.seed,
                        max_tokens=args.max_tokens, target_ppl_increase=args.target_ppl_increase,
                        kv_rank=args.kv_rank, progress_factory=bar)
-    save_adept(params, out)
-    out.with_suffix(".json").write_text(_json.dumps(params.info, indent=1, sort_keys=True) + "\n")
+    try:
+        save_adept(params, out)
+        out.with_suffix(".json").write_text(_json.dumps(params.info, indent=1, sort_keys=True) + "\n")
+    except (OSError, SafetensorError) as e:
+        raise MinadeptError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
     rows = {r["tau"]: r for r in params.info["threshold_search"]["rows"]}
     best = rows[params.threshold]
     print(f"wrote {out} ({params.n_params:,} parameters, {params.n_params / model.n_params:.1%} "
           f"of the model's) and {out.with_suffix('.json').name}", file=sys.stderr)
-    print(f"default threshold {params.threshold}: held-out ppl +{best['ppl_increase']:.1%} vs full depth, "
+    print(f"default threshold {params.threshold}: held-out ppl {best['ppl_increase']:+.1%} vs full depth, "
           f"compute fraction {best['compute_fraction']:.3f}, mean exit layer {best['mean_exit_layer']:.2f}")
+    if not params.info["target_met"]:
+        print(f"warning: no threshold kept the held-out perplexity within +{args.target_ppl_increase:.1%}; "
+              f"stored the most conservative one ({params.threshold}); calibrate on more text (--max-tokens)",
+              file=sys.stderr)
     return 0
+
+
+def _calibrate_output(out_arg, default):
+    """The adept.safetensors path for ``--out`` (a file name or a directory), checked before the
+    (minutes-long) calibration runs. Raises MinadeptError for anything that cannot be written."""
+    from pathlib import Path
+
+    from .exits.adept import ADEPT_FILE
+    out = Path(out_arg) if out_arg else default
+    try:
+        if out.is_dir() or (out_arg and out_arg.endswith(("/", os.sep))):
+            out = out / ADEPT_FILE
+        if not out.parent.is_dir():
+            raise MinadeptError(f"output directory does not exist: {out.parent}")
+        if out.suffix != ".safetensors":
+            raise MinadeptError(f"--out must name a .safetensors file or a directory, got {out.name}")
+        if out.name == "model.safetensors" or out.name.startswith("model-0"):
+            raise MinadeptError(f"refusing to overwrite model weights: {out}")
+        for p in (out, out.with_suffix(".json")):
+            if p.is_dir():
+                raise MinadeptError(f"cannot write {p}: it is a directory")
+    except OSError as e:
+        raise MinadeptError(f"bad --out {out_arg!r}: {e.strerror or e}") from None
+    return out
 
 
 COMMANDS = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}
@@ -305,7 +351,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise MinadeptError("missing command (generate, eval, dump or info); see minadept --help")
+            raise MinadeptError("missing command (generate, eval, calibrate, dump or info); see minadept --help")
         from . import backend
         backend.use()
         limits = _threads(getattr(args, "threads", None))

@@ -49,5 +49,10 @@ def write_dump(engine, prompt: str, out: str) -> None:
     path = Path(out)
     if path.parent and not path.parent.exists():
         raise MinadeptError(f"output directory does not exist: {path.parent}")
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    if path.is_dir():
+        raise MinadeptError(f"--out is a directory, expected a file name: {path}")
+    try:
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as e:
+        raise MinadeptError(f"cannot write {path}: {e.strerror or e}") from None

@@ -33,7 +33,7 @@ class ForwardResult:
     exit_layers: np.ndarray       # [T] int, 1..n_layer (n_layer = full depth)
     block_flops: np.ndarray       # [T] int64: blocks run for the token
     check_flops: np.ndarray       # [T] int64: exit checks for the token
-    head_flops: np.ndarray        # [T] int64: LM head for its prediction (0 if not predicted or
+    head_flops: np.ndarray        # [T] int64: LM head (+ exit map) for its prediction (0 if not predicted or
                                   #            reused from a check)
     propagation_flops: int        # K/V propagation done during this call (eager or lazy fills)
     full_flops: int               # full depth, same tokens and predictions
@@ -52,13 +52,15 @@ class Engine:
     (run the skipped blocks to get true K/V; CALM's upper bound). fill: ``eager`` (propagate at
     exit) or ``lazy`` (fill layer l's pending K/V when a later token reaches layer l; only with
     ``propagate``). ``exit_mapper(k, h) -> h'`` and ``kv_mapper(k, h, layers) -> [M, N, C]`` are
-    hooks for learned hidden-state maps; None is the identity.
+    hooks for learned hidden-state maps (ADEPT's, ``exits/adept.py``); None is the identity.
+    ``mapper_flops`` = (FLOPs per exit-map application, FLOPs per K/V-map layer) per token, added
+    to the accounting (``AdeptParams.mapper_flops()``).
 
     Raises MinadeptError for an unknown mode or an impossible combination.
     """
 
     def __init__(self, model: M.Model, policy: Policy | None = None, *, kv: str = "propagate",
-                 fill: str = "eager", exit_mapper=None, kv_mapper=None):
+                 fill: str = "eager", exit_mapper=None, kv_mapper=None, mapper_flops=(0, 0)):
         if kv not in KV_MODES:
             raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
         if fill not in FILL_MODES:
@@ -69,6 +71,8 @@ class Engine:
         self.policy = policy or NoExit()
         self.kv, self.fill = kv, fill
         self.exit_mapper, self.kv_mapper = exit_mapper, kv_mapper
+        self.exit_map_flops = int(mapper_flops[0]) if exit_mapper is not None else 0
+        self.kv_map_flops = int(mapper_flops[1]) if kv_mapper is not None else 0
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions (default n_positions). Size it to what a run
@@ -106,7 +110,7 @@ class Engine:
         else:
             kv = propagate_kv(self.model, h, layers)
         write_propagated(cache, layers, positions, kv)
-        return int(layers.size * h.shape[0] * kv_layer_flops(self.config))
+        return int(layers.size * h.shape[0] * (kv_layer_flops(self.config) + self.kv_map_flops))
 
     def fill_pending(self, cache: KVCache, layer: int, end: int) -> int:
         """Lazy fill: compute block ``layer+1``'s pending K/V for positions < end in one product."""
@@ -124,7 +128,7 @@ class Engine:
             kv = propagate_kv(self.model, cache.exit_state[idx], layers)
         write_propagated(cache, layers, idx, kv)
         cache.pending[layer, idx] = False
-        return int(idx.size * kv_layer_flops(self.config))
+        return int(idx.size * (kv_layer_flops(self.config) + self.kv_map_flops))
 
     def flush(self, cache: KVCache) -> int:
         """Fill every pending entry (before dumping or comparing caches). Returns FLOPs spent."""
@@ -143,6 +147,7 @@ class Engine:
             sel = todo[exit_layers[rows[todo]] == k]
             logits[sel] = self.predict(h_exit[rows[sel]], int(k))
         head_f[rows[todo]] = head_flops(self.config)
+        head_f[rows[todo]] += np.where(exit_layers[rows[todo]] < self.config.n_layer, self.exit_map_flops, 0)
         return logits, head_f
 
     # -- the forward pass --------------------------------------------------------------------

@@ -97,13 +97,19 @@ def evaluate_windows(engine, wins, ref_top1=None, progress=None) -> dict:
     return out
 
 
-def sweep_settings(n_layer: int):
-    """(policy name, kwargs) for every point of the default sweep."""
+ADEPT_SWEEP = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+def sweep_settings(n_layer: int, adept: bool = False):
+    """(policy name, kwargs) for every point of the default sweep (``adept`` adds the learned
+    policy's thresholds, for a calibrated model)."""
     pts = [("none", {})]
     for k in range(2, n_layer, 2):
         pts.append(("fixed", {"exit_layer": k}))
     for name, taus in SWEEP.items():
         pts += [(name, {"threshold": t}) for t in taus]
+    if adept:
+        pts += [("adept", {"threshold": t}) for t in ADEPT_SWEEP]
     return pts
 
 
@@ -158,6 +164,9 @@ def run_eval_command(args, make_engine) -> int:
         res = evaluate(engine, ids, ref)
         res.setdefault("agreement", 1.0)
         res.update(engine.policy.settings(), kv=engine.kv, kv_fill=engine.fill)
+        if args.exit == "adept":
+            res.update(exit_map="learned" if engine.exit_mapper else "identity",
+                       kv_map="learned" if engine.kv_mapper else "identity")
         if not args.json:
             print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
                   f"(nll {res['nll']:.4f} nats/token)")
@@ -168,11 +177,18 @@ def run_eval_command(args, make_engine) -> int:
         return 0
     ref = reference_top1(full, ids)
     rows = []
+    from .exits.adept import ADEPT_FILE, adept_engine, load_adept
     from .exits.policies import make_policy
+    adept_file = Path(args.adept) if args.adept else model.path / ADEPT_FILE
+    adept_file = adept_file / ADEPT_FILE if adept_file.is_dir() else adept_file
+    adept = load_adept(adept_file, model.config) if args.adept or adept_file.is_file() else None
     print(f"{'exit':<11}{'setting':<14}{'ppl':>10}{'agreement':>11}{'mean_exit':>11}{'compute':>10}")
-    for name, kw in sweep_settings(model.config.n_layer):
-        policy = make_policy(name, model.config, **kw)
-        eng = Engine(model, policy, kv=args.kv, fill=args.kv_fill)
+    for name, kw in sweep_settings(model.config.n_layer, adept=adept is not None):
+        policy = make_policy(name, model.config, adept=adept, **kw)
+        if name == "adept":
+            eng = adept_engine(model, policy, adept, kv_map=args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
+        else:
+            eng = Engine(model, policy, kv=args.kv, fill=args.kv_fill)
         res = evaluate(eng, ids, ref)
         res["exit"] = name
         res["setting"] = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold=", "tau=")

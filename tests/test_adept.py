@@ -142,6 +142,53 @@ def test_policy_file_for_another_model_is_a_clear_error(params, tmp_path):
         load_adept(tmp_path / "junk.safetensors", MODEL.config)
 
 
+def _resave(params, path, **changes):
+    from dataclasses import replace
+    save_adept(replace(params, **changes), path)
+
+
+@pytest.mark.parametrize("changes, msg", [
+    (dict(threshold=float("nan")), "not in \\[0, 1\\]"),
+    (dict(threshold=1.5), "not in \\[0, 1\\]"),
+    (dict(threshold=-1.0), "not in \\[0, 1\\]"),
+    ("nan_policy", "tensor 'policy_w' has NaN or infinite values"),
+    ("inf_kv", "tensor 'kv_u' has NaN or infinite values"),
+])
+def test_policy_file_with_bad_values_is_a_clear_error(params, tmp_path, changes, msg):
+    path = tmp_path / "adept.safetensors"
+    if changes == "nan_policy":
+        w = params.policy_w.copy(); w[0, 0] = np.nan
+        changes = dict(policy_w=w)
+    elif changes == "inf_kv":
+        u = params.kv_u.copy(); u[0, 0, 0] = np.inf
+        changes = dict(kv_u=u)
+    _resave(params, path, **changes)
+    with pytest.raises(MinadeptError, match=msg):
+        load_adept(path, MODEL.config)
+
+
+def test_model_weights_are_not_an_adept_file(tmp_path):
+    from safetensors.numpy import save_file
+    save_file({"wte.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MinadeptError, match="is not an ADEPT policy file"):
+        load_adept(tmp_path / "model.safetensors", MODEL.config)
+
+
+def test_mapper_flops_are_counted(params):
+    """Exit map 2 C^2 per prediction from k < L; K/V map 4 C r per skipped layer per token."""
+    ids = IDS[:20]
+    pol = make_policy("adept", MODEL.config, threshold=0.0, adept=params)    # all exit at layer 1
+    plain = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_mapper=params.kv_map)
+    counted = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_mapper=params.kv_map,
+                     mapper_flops=params.mapper_flops())
+    a = plain.forward(ids, plain.new_cache(20), all_logits=True)
+    b = counted.forward(ids, counted.new_cache(20), all_logits=True)
+    C, r = MODEL.config.n_embd, params.kv_u.shape[-1]
+    assert (b.head_flops - a.head_flops == 2 * C * C).all()
+    assert b.propagation_flops - a.propagation_flops == 20 * (L - 1) * 4 * C * r
+    np.testing.assert_array_equal(a.logits, b.logits)
+
+
 # ---------------------------------------------------------------------------- calibration
 
 def test_calibration_is_deterministic_for_a_seed(params):
@@ -159,7 +206,13 @@ def test_calibration_statistics_are_sane(params):
     assert len(info["exit_map_r2"]) == L - 1 and all(r <= 1 for r in info["exit_map_r2"])
     assert all(kl >= 0 for kl in info["mean_kl_by_layer"])
     rows = info["threshold_search"]["rows"]
-    assert params.threshold in [r["tau"] for r in rows]
+    assert params.threshold in [r["tau"] for r in rows] and info["threshold"] == params.threshold
+    ok = [r for r in rows if r["ppl_increase"] <= 0.05]
+    assert info["target_met"] == bool(ok)
+    if ok:                                       # the cheapest setting within the target
+        assert params.threshold == min(ok, key=lambda r: r["compute_fraction"])["tau"]
+    else:
+        assert params.threshold == max(r["tau"] for r in rows)
 
 
 @pytest.mark.parametrize("kw, msg", [

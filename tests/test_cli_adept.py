@@ -66,6 +66,17 @@ def test_identity_mappers_change_the_predictions():
     (["calibrate", "--text", str(TRAIN), "--max-tokens", "10"], "--max-tokens must be at least 512"),
     (["calibrate", "--text", str(TRAIN), "--cost-weight", "-1"], "--cost-weight"),
     (["calibrate", "--text", str(TRAIN), "--out", "/nonexistent/dir/x.safetensors"], "output directory does not exist"),
+    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/minadept-no-such-dir/"], "output directory does not exist"),
+    (["calibrate", "--text", str(TRAIN), "--kv-rank", "0"], "--kv-rank must be >= 1"),
+    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/adept.json"], "--out must name a .safetensors file"),
+    (["calibrate", "--text", str(TRAIN), "--out", str(default_model_dir() / "model.safetensors")],
+     "refusing to overwrite model weights"),
+    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/" + "x" * 300 + ".safetensors"], "bad --out"),
+    (["eval", "--text", str(TRAIN), "--sweep", "--exit", "adept"], "--exit has no effect with --sweep"),
+    (["eval", "--text", str(TRAIN), "--sweep", "--threshold", "0.5"], "--threshold has no effect with --sweep"),
+    (["generate", "x", "--exit", "adept", "--kv", "oracle", "--kv-map", "learned"], "--kv-map learned works only with --kv propagate"),
+    (["generate", "x", "--exit", "adept", "--adept", ""], "--adept is empty"),
+    (["dump", "--prompt", "x", "--out", "/tmp"], "--out is a directory"),
 ])
 def test_bad_adept_settings_are_one_line_errors(args, msg):
     r = cli(*args)
@@ -99,7 +110,23 @@ def test_calibrate_command_end_to_end(tmp_path):
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["seed"] == 3 and info["calibration_tokens"] == 3 * 256
     assert p.threshold in [row["tau"] for row in info["threshold_search"]["rows"]]
-    r = cli("eval", "--text", str(text), "--max-tokens", "600", "--exit", "adept", "--adept", str(out), "--json")
+    assert info["threshold"] == p.threshold
+    assert info["target_met"] == ("warning: no threshold" not in r.stderr)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+    for ref in (out, tmp_path):                  # the file or its directory
+        r = cli("eval", "--text", str(text), "--max-tokens", "600", "--exit", "adept", "--adept", str(ref),
+                "--kv-map", "identity", "--json")
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["exit"] == "adept" and res["threshold"] == p.threshold
+        assert res["exit_map"] == "learned" and res["kv_map"] == "identity"
+
+
+def test_eval_sweep_includes_the_calibrated_policy():
+    valid = TRAIN.parent / "valid.txt"
+    r = cli("eval", "--text", str(valid), "--max-tokens", "300", "--sweep", "--json")
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["exit"] == "adept" and res["threshold"] == p.threshold
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["sweep"]
+    adept = [row for row in rows if row["exit"] == "adept"]
+    assert len(adept) >= 3
+    assert all(0 < row["compute_fraction"] < 1.05 for row in adept)

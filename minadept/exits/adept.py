@@ -84,6 +84,12 @@ class AdeptParams:
         """Stored learned parameters (mappers + policy)."""
         return int(sum(getattr(self, n).size for n in TENSORS))
 
+    def mapper_flops(self) -> tuple[int, int]:
+        """(FLOPs of one exit-map application per token, FLOPs of one K/V map per token per
+        skipped layer): 2 C^2 and 4 C r (see ``flops.py`` for the conventions)."""
+        C, r = self.exit_w.shape[1], self.kv_u.shape[-1]
+        return 2 * C * C, 4 * C * r
+
     def exit_map(self, k: int, h: np.ndarray) -> np.ndarray:
         """h_k [N, C] -> estimate of h_L [N, C]."""
         return h @ self.exit_w[k - 1] + self.exit_b[k - 1]
@@ -129,6 +135,14 @@ def adept_logit_numpy(h: np.ndarray, h_prev: np.ndarray, w: np.ndarray, b: float
     return (d @ w[:C]) / sd + np.log(sd) * w[C] + cos * w[C + 1] + b
 
 
+def adept_engine(model, policy, params: AdeptParams, *, exit_map: bool = True, kv_map: bool = True, **kw):
+    """An ``Engine`` running ``policy`` with the learned exit and K/V maps of ``params`` (each
+    switchable to the identity) and their FLOPs in the accounting; ``kw`` go to ``Engine``."""
+    from ..engine import Engine
+    return Engine(model, policy, exit_mapper=params.exit_map if exit_map else None,
+                  kv_mapper=params.kv_map if kv_map else None, mapper_flops=params.mapper_flops(), **kw)
+
+
 def save_adept(params: AdeptParams, path) -> None:
     """Write ``params`` as safetensors (float32 tensors; threshold, format version and the info
     dict in the metadata)."""
@@ -137,6 +151,7 @@ def save_adept(params: AdeptParams, path) -> None:
     meta = {"format_version": FORMAT_VERSION, "threshold": repr(float(params.threshold)),
             "info": json.dumps(params.info, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
+    Path(path).chmod(0o644)                      # safetensors creates the file owner-only
 
 
 def load_adept(path, config) -> AdeptParams:
@@ -155,11 +170,13 @@ def load_adept(path, config) -> AdeptParams:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise MinadeptError(f"cannot read ADEPT policy file {p}: {e}") from None
+    if "format_version" not in meta or "exit_w" not in tensors:
+        raise MinadeptError(f"{p} is not an ADEPT policy file (written by minadept calibrate)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise MinadeptError(f"{p}: ADEPT file format version {meta.get('format_version')!r}, "
                             f"expected {FORMAT_VERSION!r}")
     L, C, P = config.n_layer, config.n_embd, n_pairs(config.n_layer)
-    r = tensors["kv_u"].shape[-1] if "kv_u" in tensors and tensors["kv_u"].ndim == 3 else 0
+    r = tensors["kv_u"].shape[-1] if "kv_u" in tensors and tensors["kv_u"].ndim == 3 else "r"
     want = {"exit_w": (L - 1, C, C), "exit_b": (L - 1, C), "kv_u": (P, C, r), "kv_v": (P, r, C),
             "kv_c": (P, C), "policy_w": (L - 1, C + 2), "policy_b": (L - 1,)}
     for name, shape in want.items():
@@ -168,10 +185,16 @@ def load_adept(path, config) -> AdeptParams:
         if tuple(tensors[name].shape) != shape:
             raise MinadeptError(f"{p}: tensor {name!r} has shape {tuple(tensors[name].shape)}, but this "
                                 f"model (n_layer {L}, n_embd {C}) needs {shape}")
+        if not np.issubdtype(tensors[name].dtype, np.floating):
+            raise MinadeptError(f"{p}: tensor {name!r} has dtype {tensors[name].dtype}, expected float")
+        if not np.isfinite(tensors[name]).all():
+            raise MinadeptError(f"{p}: tensor {name!r} has NaN or infinite values")
     try:
         tau = float(meta["threshold"])
         info = json.loads(meta.get("info", "{}"))
     except (KeyError, ValueError):
         raise MinadeptError(f"{p}: bad metadata (threshold/info)") from None
+    if not 0.0 <= tau <= 1.0:
+        raise MinadeptError(f"{p}: stored threshold {tau} is not in [0, 1]")
     return AdeptParams(**{k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in want},
                        threshold=tau, info=info)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import model as M
 from ..errors import MinadeptError
-from .adept import AdeptParams, n_pairs, normalize, pair_index, policy_features
+from .adept import AdeptParams, adept_engine, n_pairs, normalize, pair_index, policy_features
 
 TAU_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 
@@ -164,7 +164,7 @@ def choose_threshold(model, params: AdeptParams, windows: np.ndarray, target: fl
     rows = []
     for tau in taus:
         pol = make_policy("adept", model.config, threshold=tau, adept=params)
-        eng = Engine(model, pol, exit_mapper=params.exit_map, kv_mapper=params.kv_map)
+        eng = adept_engine(model, pol, params)
         r = evaluate_windows(eng, windows)
         rows.append({"tau": tau, "ppl": r["ppl"], "ppl_increase": r["ppl"] / full - 1,
                      "compute_fraction": r["compute_fraction"], "mean_exit_layer": r["mean_exit_layer"]})
@@ -173,6 +173,25 @@ def choose_threshold(model, params: AdeptParams, windows: np.ndarray, target: fl
     ok = [r for r in rows if r["ppl_increase"] <= target]
     best = min(ok, key=lambda r: r["compute_fraction"]) if ok else max(rows, key=lambda r: r["tau"])
     return best["tau"], {"full_ppl": full, "rows": rows}
+
+
+def check_settings(cfg, *, cost_weight: float, max_tokens: int, target_ppl_increase: float,
+                   kv_rank: int) -> tuple[int, int]:
+    """Validate calibration settings for a model with ``cfg`` before any work; returns
+    (window length n_ctx, number of windows). Raises MinadeptError naming the bad setting."""
+    if not cost_weight >= 0 or math.isinf(cost_weight):
+        raise MinadeptError(f"--cost-weight must be a finite number >= 0, got {cost_weight}")
+    if not 0 < target_ppl_increase < 10:
+        raise MinadeptError(f"--target-ppl-increase must be in (0, 10), got {target_ppl_increase}")
+    if cfg.n_layer < 2:
+        raise MinadeptError("calibration needs a model with at least 2 layers")
+    if not 1 <= kv_rank <= cfg.n_embd:
+        raise MinadeptError(f"--kv-rank must be in [1, {cfg.n_embd}] (n_embd), got {kv_rank}")
+    n_ctx = min(cfg.n_positions, 256)
+    n_windows = max_tokens // n_ctx
+    if n_windows < 2:
+        raise MinadeptError(f"--max-tokens must be at least {2 * n_ctx} (two windows of {n_ctx}), got {max_tokens}")
+    return n_ctx, n_windows
 
 
 def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0,
@@ -185,17 +204,9 @@ def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0
     text. ``progress_factory(total, desc)`` returns an object with ``update(n)`` and ``close()``.
     """
     from ..engine import Engine
-    if not cost_weight >= 0 or math.isinf(cost_weight):
-        raise MinadeptError(f"--cost-weight must be a finite number >= 0, got {cost_weight}")
-    if not 0 < target_ppl_increase < 10:
-        raise MinadeptError(f"--target-ppl-increase must be in (0, 10), got {target_ppl_increase}")
+    n_ctx, n_windows = check_settings(model.config, cost_weight=cost_weight, max_tokens=max_tokens,
+                                      target_ppl_increase=target_ppl_increase, kv_rank=kv_rank)
     cfg = model.config
-    if cfg.n_layer < 2:
-        raise MinadeptError("calibration needs a model with at least 2 layers")
-    n_ctx = min(cfg.n_positions, 256)
-    n_windows = max_tokens // n_ctx
-    if n_windows < 2:
-        raise MinadeptError(f"--max-tokens must be at least {2 * n_ctx} (two windows of {n_ctx}), got {max_tokens}")
     wins = calibration_windows(ids, n_ctx, n_windows, seed)
     if len(wins) < 2:
         raise MinadeptError(f"calibration text too short: need at least {2 * n_ctx + 1} tokens")
@@ -214,8 +225,6 @@ def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0
         exit_w[k - 1], exit_b[k - 1] = fit_ridge(H[k], H[L], ridge)
         resid = H[k] @ exit_w[k - 1] + exit_b[k - 1] - H[L]
         r2.append(1 - float((resid ** 2).sum() / ((H[L] - H[L].mean(0)) ** 2).sum()))
-    if not 1 <= kv_rank <= cfg.n_embd:
-        raise MinadeptError(f"--kv-rank must be in [1, {cfg.n_embd}] (n_embd), got {kv_rank}")
     kv_u, kv_v, kv_c = fit_kv_maps(H, kv_rank, ridge)
     p = bar(H.shape[1], "exit quality (KL)")
     T = exit_quality(model, H, exit_w, exit_b, progress=p)
@@ -239,7 +248,8 @@ def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0
     p = bar(len(TAU_GRID), "threshold (held-out ppl)")
     tau, table = choose_threshold(model, params, held_w, target_ppl_increase, progress=p)
     p.close()
-    info.update(threshold_search=table)
+    info.update(threshold=float(tau), threshold_search=table,
+                target_met=any(r["ppl_increase"] <= target_ppl_increase for r in table["rows"]))
     return AdeptParams(exit_w, exit_b, kv_u, kv_v, kv_c, pw, pb, threshold=float(tau), info=info)
 
 

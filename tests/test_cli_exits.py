@@ -126,5 +126,5 @@ def test_eval_policy_json_and_sweep_plot(tmp_path):
     r = cli("eval", "--text", str(text), "--sweep", "--plot", str(png), "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])["sweep"]
-    assert {row["exit"] for row in rows} == {"none", "fixed", "confidence", "margin", "saturation"}
+    assert {row["exit"] for row in rows} == {"none", "fixed", "confidence", "margin", "saturation", "adept"}  # adept: the shipped calibration
     assert png.stat().st_size > 10_000

@@ -122,9 +122,7 @@ def _load_adept(args, model):
     if args.exit != "adept":
         return None
     from .exits.adept import ADEPT_FILE, load_adept
-    from pathlib import Path
-    path = Path(args.adept) if args.adept else model.path / ADEPT_FILE
-    return load_adept(path / ADEPT_FILE if path.is_dir() else path, model.config)
+    return load_adept(args.adept or model.path / ADEPT_FILE, model.config)
 
 
 def _check_policy_args(args):
@@ -276,19 +274,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import json as _json
-    from pathlib import Path
-
+    from safetensors import SafetensorError
     from tqdm import tqdm
 
     from .evaluate import read_token_stream
     from .exits.adept import ADEPT_FILE, save_adept
-    from safetensors import SafetensorError
-
     from .exits.calibrate import calibrate, check_settings
     from .model import Model
-    if args.max_tokens < 1:
-        raise MinadeptError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.kv_rank < 1:
         raise MinadeptError(f"--kv-rank must be >= 1, got {args.kv_rank}")
     model = Model.load(args.model)
@@ -303,7 +295,7 @@ def cmd_calibrate(args) -> int:
                        kv_rank=args.kv_rank, progress_factory=bar)
     try:
         save_adept(params, out)
-        out.with_suffix(".json").write_text(_json.dumps(params.info, indent=1, sort_keys=True) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(params.info, indent=1, sort_keys=True) + "\n")
     except (OSError, SafetensorError) as e:
         raise MinadeptError(f"cannot write {out}: {getattr(e, 'strerror', None) or e}") from None
     rows = {r["tau"]: r for r in params.info["threshold_search"]["rows"]}

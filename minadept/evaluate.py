@@ -179,9 +179,8 @@ def run_eval_command(args, make_engine) -> int:
     rows = []
     from .exits.adept import ADEPT_FILE, adept_engine, load_adept
     from .exits.policies import make_policy
-    adept_file = Path(args.adept) if args.adept else model.path / ADEPT_FILE
-    adept_file = adept_file / ADEPT_FILE if adept_file.is_dir() else adept_file
-    adept = load_adept(adept_file, model.config) if args.adept or adept_file.is_file() else None
+    shipped = (model.path / ADEPT_FILE).is_file()
+    adept = load_adept(args.adept or model.path, model.config) if args.adept or shipped else None
     print(f"{'exit':<11}{'setting':<14}{'ppl':>10}{'agreement':>11}{'mean_exit':>11}{'compute':>10}")
     for name, kw in sweep_settings(model.config.n_layer, adept=adept is not None):
         policy = make_policy(name, model.config, adept=adept, **kw)

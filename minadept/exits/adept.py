@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import MinadeptError
+from ..nn import normalize
 
 ADEPT_FILE = "adept.safetensors"
 FORMAT_VERSION = "1"
@@ -44,12 +45,6 @@ def pair_index(k: int, l: int, n_layer: int) -> int:
 
 def n_pairs(n_layer: int) -> int:
     return (n_layer - 1) * (n_layer - 2) // 2
-
-
-def normalize(h: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """LayerNorm without the affine: (h - mean) / sqrt(var + eps) over the last axis."""
-    from ..nn import normalize as _n
-    return _n(h, eps)
 
 
 def policy_features(h: np.ndarray, h_prev: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -97,7 +92,7 @@ class AdeptParams:
     def kv_map(self, k: int, h: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """h_k [N, C] -> estimated (normalised) inputs of blocks ``layers`` [M, N, C] (0-based
         indices, all >= k; index k is block k+1, which reads h_k itself)."""
-        n = normalize(h)                                                   # [N, C]
+        n = normalize(h, 1e-5)                                             # [N, C]
         L = self.exit_w.shape[0] + 1
         out = np.empty((len(layers), len(h), h.shape[1]), np.float32)
         mapped = [i for i, l in enumerate(layers) if l > k]
@@ -157,11 +152,15 @@ def save_adept(params: AdeptParams, path) -> None:
 def load_adept(path, config) -> AdeptParams:
     """Read an ``adept.safetensors`` written for a model with ``config``.
 
-    Raises MinadeptError if the file is missing or unreadable, has another format version, lacks
-    a tensor, or a shape does not match the model (naming the tensor and both shapes).
+    ``path`` is the file or a directory holding ``adept.safetensors``. Raises MinadeptError if the
+    file is missing or unreadable, is not an ADEPT file or has another format version, lacks a
+    tensor, or a tensor's shape (naming both shapes), dtype or values (NaN/inf) or the threshold
+    (outside [0, 1]) is wrong.
     """
     from safetensors import SafetensorError, safe_open
     p = Path(path)
+    if p.is_dir():
+        p = p / ADEPT_FILE
     if not p.is_file():
         raise MinadeptError(f"no calibrated ADEPT policy at {p} (run: minadept calibrate --text FILE)")
     try:

@@ -25,7 +25,8 @@ import numpy as np
 
 from .. import model as M
 from ..errors import MinadeptError
-from .adept import AdeptParams, adept_engine, n_pairs, normalize, pair_index, policy_features
+from ..nn import normalize
+from .adept import AdeptParams, adept_engine, n_pairs, pair_index, policy_features
 
 TAU_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 
@@ -76,7 +77,7 @@ def fit_kv_maps(H: np.ndarray, rank: int, lam: float = 1e-4):
     U = np.zeros((P, C, rank), np.float32)
     V = np.zeros((P, rank, C), np.float32)
     c = np.zeros((P, C), np.float32)
-    Nrm = [None] + [normalize(H[l]).astype(np.float64) for l in range(1, L)]
+    Nrm = [None] + [normalize(H[l], 1e-5).astype(np.float64) for l in range(1, L)]
     for k in range(1, L - 1):
         X = Nrm[k]
         mx = X.mean(0)

@@ -19,7 +19,7 @@ from . import model as M
 from .cache import KVCache
 from .errors import MinadeptError
 from .exits.policies import ExitState, NoExit, Policy
-from .exits.propagate import propagate_kv, propagate_kv_loop, propagate_kv_mapped, write_propagated
+from .exits.propagate import StackedKV, propagate_kv_loop, write_propagated, write_stacked
 from .flops import block_flops, full_forward_flops, head_flops, kv_layer_flops
 
 KV_MODES = ("propagate", "propagate-loop", "oracle")
@@ -51,28 +51,32 @@ class Engine:
     kv: ``propagate`` (batched, decoupled), ``propagate-loop`` (its per-layer twin) or ``oracle``
     (run the skipped blocks to get true K/V; CALM's upper bound). fill: ``eager`` (propagate at
     exit) or ``lazy`` (fill layer l's pending K/V when a later token reaches layer l; only with
-    ``propagate``). ``exit_mapper(k, h) -> h'`` and ``kv_mapper(k, h, layers) -> [M, N, C]`` are
-    hooks for learned hidden-state maps (ADEPT's, ``exits/adept.py``); None is the identity.
-    ``mapper_flops`` = (FLOPs per exit-map application, FLOPs per K/V-map layer) per token, added
-    to the accounting (``AdeptParams.mapper_flops()``).
+    ``propagate``). ``exit_mapper(k, h) -> h'`` is a hook for a learned exit map and ``kv_maps``
+    (an ``AdeptParams``) holds learned K/V maps, folded into the propagation weights
+    (``StackedKV``); None is the identity. ``mapper_flops`` = (FLOPs per exit-map application,
+    extra FLOPs per propagated layer) per token, added to the accounting
+    (``AdeptParams.mapper_flops()``).
 
     Raises MinadeptError for an unknown mode or an impossible combination.
     """
 
     def __init__(self, model: M.Model, policy: Policy | None = None, *, kv: str = "propagate",
-                 fill: str = "eager", exit_mapper=None, kv_mapper=None, mapper_flops=(0, 0)):
+                 fill: str = "eager", exit_mapper=None, kv_maps=None, mapper_flops=(0, 0)):
         if kv not in KV_MODES:
             raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
         if fill not in FILL_MODES:
             raise MinadeptError(f"unknown --kv-fill {fill!r} (expected eager or lazy)")
         if fill == "lazy" and kv != "propagate":
             raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {kv}")
+        if kv_maps is not None and kv != "propagate":
+            raise MinadeptError(f"learned K/V maps work only with --kv propagate, not --kv {kv}")
         self.model, self.config = model, model.config
         self.policy = policy or NoExit()
         self.kv, self.fill = kv, fill
-        self.exit_mapper, self.kv_mapper = exit_mapper, kv_mapper
+        self.exit_mapper, self.kv_maps = exit_mapper, kv_maps
         self.exit_map_flops = int(mapper_flops[0]) if exit_mapper is not None else 0
-        self.kv_map_flops = int(mapper_flops[1]) if kv_mapper is not None else 0
+        self.kv_map_flops = int(mapper_flops[1]) if kv_maps is not None else 0
+        self.stacked = StackedKV(model, kv_maps) if kv == "propagate" else None
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions (default n_positions). Size it to what a run
@@ -103,13 +107,10 @@ class Engine:
             cache.exit_state[positions] = h
             cache.exit_at[positions] = exit_layer
             return 0
-        if self.kv_mapper is not None:
-            kv = propagate_kv_mapped(self.model, self.kv_mapper(exit_layer, h, layers), layers)
-        elif self.kv == "propagate-loop":
-            kv = propagate_kv_loop(self.model, h, layers)
+        if self.kv == "propagate-loop":
+            write_propagated(cache, layers, positions, propagate_kv_loop(self.model, h, layers))
         else:
-            kv = propagate_kv(self.model, h, layers)
-        write_propagated(cache, layers, positions, kv)
+            write_stacked(cache, layers, positions, self.stacked.propagate(h, exit_layer))
         return int(layers.size * h.shape[0] * (kv_layer_flops(self.config) + self.kv_map_flops))
 
     def fill_pending(self, cache: KVCache, layer: int, end: int) -> int:
@@ -118,15 +119,12 @@ class Engine:
         if idx.size == 0:
             return 0
         layers = np.array([layer])
-        if self.kv_mapper is not None:
-            kv = np.empty((1, 2, self.config.n_head, idx.size, self.config.head_dim), np.float32)
-            for k in np.unique(cache.exit_at[idx]):
-                sel = cache.exit_at[idx] == k
-                kv[:, :, :, sel] = propagate_kv_mapped(
-                    self.model, self.kv_mapper(int(k), cache.exit_state[idx[sel]], layers), layers)
+        if self.kv_maps is None:             # identity: the same weights whatever the exit layer
+            write_stacked(cache, layers, idx, self.stacked.propagate(cache.exit_state[idx], 0, layer))
         else:
-            kv = propagate_kv(self.model, cache.exit_state[idx], layers)
-        write_propagated(cache, layers, idx, kv)
+            for k in np.unique(cache.exit_at[idx]):
+                sel = idx[cache.exit_at[idx] == k]
+                write_stacked(cache, layers, sel, self.stacked.propagate(cache.exit_state[sel], int(k), layer))
         cache.pending[layer, idx] = False
         return int(idx.size * (kv_layer_flops(self.config) + self.kv_map_flops))
 

@@ -166,7 +166,7 @@ def run_eval_command(args, make_engine) -> int:
         res.update(engine.policy.settings(), kv=engine.kv, kv_fill=engine.fill)
         if args.exit == "adept":
             res.update(exit_map="learned" if engine.exit_mapper else "identity",
-                       kv_map="learned" if engine.kv_mapper else "identity")
+                       kv_map="learned" if engine.kv_maps is not None else "identity")
         if not args.json:
             print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
                   f"(nll {res['nll']:.4f} nats/token)")

@@ -14,6 +14,7 @@ from minadept.exits.adept import (AdeptParams, load_adept, n_pairs, pair_index, 
 from minadept.exits.calibrate import (calibrate, collect_states, fit_kv_maps, fit_logistic,
                                       fit_ridge, preference_labels)
 from minadept.exits.policies import make_policy
+from minadept.exits.propagate import StackedKV, propagate_kv_mapped
 
 from randmodel import random_model
 
@@ -175,18 +176,35 @@ def test_model_weights_are_not_an_adept_file(tmp_path):
 
 
 def test_mapper_flops_are_counted(params):
-    """Exit map 2 C^2 per prediction from k < L; K/V map 4 C r per skipped layer per token."""
+    """Exit map 2 C^2 per prediction from k < L; the K/V maps are folded into the propagation
+    weights, so a propagated layer costs 4 C^2 per token with or without them."""
     ids = IDS[:20]
     pol = make_policy("adept", MODEL.config, threshold=0.0, adept=params)    # all exit at layer 1
-    plain = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_mapper=params.kv_map)
-    counted = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_mapper=params.kv_map,
+    plain = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_maps=params)
+    counted = Engine(MODEL, pol, exit_mapper=params.exit_map, kv_maps=params,
                      mapper_flops=params.mapper_flops())
     a = plain.forward(ids, plain.new_cache(20), all_logits=True)
     b = counted.forward(ids, counted.new_cache(20), all_logits=True)
-    C, r = MODEL.config.n_embd, params.kv_u.shape[-1]
+    C = MODEL.config.n_embd
     assert (b.head_flops - a.head_flops == 2 * C * C).all()
-    assert b.propagation_flops - a.propagation_flops == 20 * (L - 1) * 4 * C * r
+    assert b.propagation_flops == a.propagation_flops == 20 * (L - 1) * 4 * C * C
     np.testing.assert_array_equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("k", [1, 2, L - 2, L - 1])
+def test_folded_kv_maps_equal_map_then_propagate(params, k):
+    """StackedKV folds kv_map, ln_1's affine and c_attn's K/V columns into one matrix per exit
+    layer: the same K/V as applying them one after the other (float32 rounding apart)."""
+    rng = np.random.default_rng(k)
+    h = (rng.standard_normal((6, MODEL.config.n_embd)) * 3).astype(np.float32)
+    layers = np.arange(k, L)
+    ref = propagate_kv_mapped(MODEL, params.kv_map(k, h, layers), layers)      # [M, 2, H, N, D]
+    got = StackedKV(MODEL, params).propagate(h, k)                              # [N, M, 2C]
+    H, D = MODEL.config.n_head, MODEL.config.head_dim
+    got = got.reshape(6, len(layers), 2, H, D).transpose(1, 2, 3, 0, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    one = StackedKV(MODEL, params).propagate(h, k, layer=L - 1).reshape(6, 2, H, D).transpose(1, 2, 0, 3)
+    np.testing.assert_allclose(one, ref[-1], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -245,7 +263,7 @@ def test_disabled_policy_and_identity_mappers_leave_the_engine_unchanged(params)
     ids = IDS[:40]
     r0, s0, c0 = _run(Engine(MODEL), ids)
     never = make_policy("adept", MODEL.config, threshold=1.0, adept=params)
-    for mappers in ({}, dict(exit_mapper=params.exit_map, kv_mapper=params.kv_map)):
+    for mappers in ({}, dict(exit_mapper=params.exit_map, kv_maps=params)):
         r, s, c = _run(Engine(MODEL, never, **mappers), ids)
         assert (r.exit_layers == L).all()
         assert np.array_equal(r.logits, r0.logits)
@@ -258,7 +276,7 @@ def test_learned_policy_exits_and_uses_the_mappers(params):
     eager = make_policy("adept", MODEL.config, threshold=0.0, adept=params)   # exits at layer 1
     r_id = Engine(MODEL, eager).forward(ids, Engine(MODEL).new_cache(40), all_logits=True)
     cache = Engine(MODEL).new_cache(40)
-    eng = Engine(MODEL, eager, exit_mapper=params.exit_map, kv_mapper=params.kv_map)
+    eng = Engine(MODEL, eager, exit_mapper=params.exit_map, kv_maps=params)
     r = eng.forward(ids, cache, all_logits=True)
     assert (r.exit_layers == 1).all()
     h1 = collect_states(Engine(MODEL), ids[None, :])[1]                      # h_1 of every token

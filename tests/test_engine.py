@@ -13,7 +13,7 @@ from minadept.engine import Engine
 from minadept.errors import MinadeptError
 from minadept.exits.policies import (Confidence, Constant, ExitState, Fixed, Margin, NoExit, Policy,
                                      Saturation, make_policy)
-from minadept.exits.propagate import propagate_kv, propagate_kv_loop
+from minadept.exits.propagate import StackedKV, propagate_kv, propagate_kv_loop, write_propagated, write_stacked
 
 from randmodel import random_model
 
@@ -125,6 +125,31 @@ def test_batched_propagation_equals_loop_and_formula(n, k, seed):
     assert got.shape == (len(layers), 2, H, n, D)
     for ref in (loop, hand):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(deadline=None, max_examples=40)
+@given(n=st.integers(1, 9), k=st.integers(0, L - 1), seed=st.integers(0, 2**16))
+def test_stacked_propagation_equals_batched(n, k, seed):
+    """The engine's folded form (ln_1 affine and K/V columns in one matrix per exit layer) gives
+    propagate_kv's K/V for all skipped blocks at once and for one block (lazy fill), and
+    write_stacked stores them where write_propagated does."""
+    rng = np.random.default_rng(seed)
+    h = (rng.standard_normal((n, MODEL.config.n_embd)) * rng.uniform(0.1, 10)).astype(np.float32)
+    layers = np.arange(k, L)
+    ref = propagate_kv(MODEL, h, layers)                                   # [M, 2, H, N, D]
+    st_kv = StackedKV(MODEL)
+    got = st_kv.propagate(h, k)                                            # [N, M, 2C]
+    H, D = MODEL.config.n_head, MODEL.config.head_dim
+    np.testing.assert_allclose(got.reshape(n, len(layers), 2, H, D).transpose(1, 2, 3, 0, 4), ref,
+                               rtol=1e-4, atol=1e-4)
+    one = st_kv.propagate(h, 0, layer=L - 1)                               # any k: identity
+    np.testing.assert_allclose(one.reshape(n, 2, H, D).transpose(1, 2, 0, 3), ref[-1], rtol=1e-4, atol=1e-4)
+    pos = np.sort(rng.choice(20, size=n, replace=False))
+    a, b = Engine(MODEL).new_cache(20), Engine(MODEL).new_cache(20)
+    write_propagated(a, layers, pos, ref)
+    write_stacked(b, layers, pos, got)
+    np.testing.assert_allclose(b.kv, a.kv, rtol=1e-4, atol=1e-4)
+    assert np.count_nonzero(b.kv) == np.count_nonzero(a.kv) > 0
 
 
 def test_propagated_kv_is_what_the_cache_holds():

@@ -1,9 +1,16 @@
-"""Train minadept's embedded GPT-2 from scratch on a text file.
+"""Train minadept's embedded GPT-2 on a text file (from scratch, or continuing from a checkpoint).
 
 This is a *training* script (needs the `train` extra: torch, transformers). The runtime never
 imports it. It trains a standard GPT-2 (learned positions, tied ``lm_head``, next-token
 cross-entropy at the last layer) with ``transformers.GPT2LMHeadModel`` as the PyTorch module, so
 the output directory is a plain Hugging Face GPT-2 checkpoint.
+
+Early-exit training (``--exit-loss-weight W``, in the spirit of LayerSkip, arXiv 2404.16710): each
+step also computes the next-token cross-entropy of ``--exit-layers-per-step`` randomly chosen
+intermediate layers k (1 <= k < n_layer) read out through the model's own ``ln_f`` and tied
+``lm_head`` -- exactly what minadept's engine computes when a token exits after block k with the
+identity exit map -- and minimises ``CE_final + W * mean_k CE_k``. The architecture is unchanged.
+``--init DIR`` starts from an existing checkpoint (its weights and tokenizer) instead of scratch.
 
 Inputs: a training text file whose documents are separated by ``<|endoftext|>`` lines (the shared
 corpus lists stories first and books after, so training windows are sampled at random positions),
@@ -111,9 +118,20 @@ def parse_args(argv=None):
     p.add_argument("--max-valid-bytes", type=int, default=0, help="use only the first N held-out bytes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--init", default=None,
+                   help="start from this Hugging Face GPT-2 directory (weights and tokenizer.json); "
+                        "the shape flags are then taken from its config")
+    p.add_argument("--exit-loss-weight", type=float, default=0.0,
+                   help="weight W of the intermediate-layer loss (0 = plain last-layer training)")
+    p.add_argument("--exit-layers-per-step", type=int, default=3,
+                   help="intermediate layers sampled per step for the early-exit loss")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
+    if args.exit_loss_weight < 0 or args.exit_layers_per_step < 1:
+        p.error("--exit-loss-weight must be >= 0 and --exit-layers-per-step >= 1")
+    if args.init is not None and not (Path(args.init) / "tokenizer.json").is_file():
+        p.error(f"--init {args.init}: no tokenizer.json there")
     return args
 
 
@@ -137,7 +155,12 @@ def main(argv=None) -> int:
     valid_docs = split_documents(valid_text)
 
     tok_path = out / "tokenizer.json"
-    if args.resume and tok_path.exists():
+    if args.init is not None:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(Path(args.init) / "tokenizer.json"))
+        if Path(args.init).resolve() != out.resolve():
+            tok.save(str(tok_path))
+    elif args.resume and tok_path.exists():
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tok_path))
     else:
@@ -162,7 +185,16 @@ def main(argv=None) -> int:
         n_head=args.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
     )
-    model = GPT2LMHeadModel(config)
+    if args.init is not None:
+        model = GPT2LMHeadModel.from_pretrained(args.init)
+        config = model.config
+        T = config.n_positions
+        if config.vocab_size != vocab_size:
+            raise SystemExit(f"error: --init model has vocab {config.vocab_size}, tokenizer {vocab_size}")
+    else:
+        model = GPT2LMHeadModel(config)
+    L = config.n_layer
+    W, n_exit = args.exit_loss_weight, min(args.exit_layers_per_step, L - 1)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -188,17 +220,27 @@ def main(argv=None) -> int:
     starts = np.linspace(0, len(valid_ids) - T - 1, n_win).astype(np.int64)
     valid_batch = torch.from_numpy(np.stack([valid_ids[s:s + T + 1] for s in starts]).astype(np.int64))
 
-    def evaluate() -> float:
+    def ce(logits, targets, reduction="mean"):
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab_size), targets.reshape(-1), reduction=reduction)
+
+    def exit_logits(hidden):
+        """Logits of a token that exits with residual stream ``hidden`` (ln_f, tied lm_head)."""
+        return model.lm_head(model.transformer.ln_f(hidden))
+
+    def evaluate() -> list[float]:
+        """Held-out loss (nats/token) of exiting after each block 1..n_layer; the last is the model's."""
         model.eval()
         with torch.no_grad():
-            losses = []
+            sums = [0.0] * L
             for i in range(0, len(valid_batch), B):
                 xb = valid_batch[i:i + B]
-                logits = model(input_ids=xb[:, :-1]).logits
-                losses.append(torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, vocab_size), xb[:, 1:].reshape(-1), reduction="sum").item())
+                o = model(input_ids=xb[:, :-1], output_hidden_states=True)
+                for k in range(1, L):  # hidden_states[k] is the residual stream after block k
+                    sums[k - 1] += ce(exit_logits(o.hidden_states[k]), xb[:, 1:], "sum").item()
+                sums[L - 1] += ce(o.logits, xb[:, 1:], "sum").item()
         model.train()
-        return sum(losses) / (len(valid_batch) * T)
+        return [s / (len(valid_batch) * T) for s in sums]
 
     def save_checkpoint(step: int) -> None:
         tmp = out / "ckpt.pt.tmp"
@@ -215,10 +257,15 @@ def main(argv=None) -> int:
             g["lr"] = lr
         idx = rng.integers(0, len(train_ids) - T - 1, size=B)
         xb = torch.from_numpy(np.stack([train_ids[i:i + T + 1] for i in idx]).astype(np.int64))
-        logits = model(input_ids=xb[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), xb[:, 1:].reshape(-1))
+        o = model(input_ids=xb[:, :-1], output_hidden_states=W > 0)
+        loss = ce(o.logits, xb[:, 1:])
+        total = loss
+        if W > 0:
+            ks = rng.choice(np.arange(1, L), size=n_exit, replace=False)
+            exit_loss = sum(ce(exit_logits(o.hidden_states[int(k)]), xb[:, 1:]) for k in ks) / n_exit
+            total = loss + W * exit_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
@@ -229,9 +276,12 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{B * T / dt:.0f}", lr=f"{lr:.2e}")
         last = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or last:
-            vl = evaluate()
+            by_layer = evaluate()
+            vl = by_layer[-1]
             log["valid"].append([step + 1, round(vl, 5)])
-            bar.write(f"step {step + 1}: train {loss.item():.4f}  valid {vl:.4f}  ppl {math.exp(vl):.2f}")
+            log.setdefault("valid_by_layer", []).append([step + 1, [round(v, 5) for v in by_layer]])
+            bar.write(f"step {step + 1}: train {loss.item():.4f}  valid {vl:.4f}  ppl {math.exp(vl):.2f}  "
+                      f"by layer " + " ".join(f"{v:.2f}" for v in by_layer))
             t_last = time.time()  # evaluation time is not training throughput
         if (step + 1) % args.checkpoint_every == 0 or last:
             save_checkpoint(step + 1)

@@ -8,7 +8,8 @@ directory and read back here. With C = n_embd, L = n_layer, exit layers k = 1..L
 * K/V mappers, low rank, one per (exit layer k, skipped block index l) with k < l <= L-1: the
   LayerNorm-normalised residual stream entering block l+1 of a token that exited at k is
   ``n_k + (n_k @ kv_u[p]) @ kv_v[p] + kv_c[p]`` with n_k = normalize(h_k) and p = ``pair_index``;
-  ``ln_1``'s affine, then the K/V columns of ``c_attn``, follow (``propagate_kv_mapped``). Block
+  ``ln_1``'s affine, then the K/V columns of ``c_attn``, follow (``propagate_kv_mapped``; the
+  engine folds all three into one matrix per exit layer, ``propagate.StackedKV``). Block
   k+1 (l = k) reads h_k itself. Measured on the embedded model: the K/V of skipped layers copied
   from h_k are far off at the last layers (relative error 0.4-1.0 at block 12), and a rank-24 map
   cuts that 3-5x; reduced-rank ridge regression keeps the parameters within budget;
@@ -80,10 +81,12 @@ class AdeptParams:
         return int(sum(getattr(self, n).size for n in TENSORS))
 
     def mapper_flops(self) -> tuple[int, int]:
-        """(FLOPs of one exit-map application per token, FLOPs of one K/V map per token per
-        skipped layer): 2 C^2 and 4 C r (see ``flops.py`` for the conventions)."""
-        C, r = self.exit_w.shape[1], self.kv_u.shape[-1]
-        return 2 * C * C, 4 * C * r
+        """(FLOPs of one exit-map application per token, extra FLOPs per token per propagated
+        layer): 2 C^2 and 0 -- the K/V maps are linear, so the engine folds them into the
+        propagation weights (``propagate.StackedKV``) and a propagated layer costs its 4 C^2
+        either way (see ``flops.py`` for the conventions)."""
+        C = self.exit_w.shape[1]
+        return 2 * C * C, 0
 
     def exit_map(self, k: int, h: np.ndarray) -> np.ndarray:
         """h_k [N, C] -> estimate of h_L [N, C]."""
@@ -135,7 +138,7 @@ def adept_engine(model, policy, params: AdeptParams, *, exit_map: bool = True, k
     switchable to the identity) and their FLOPs in the accounting; ``kw`` go to ``Engine``."""
     from ..engine import Engine
     return Engine(model, policy, exit_mapper=params.exit_map if exit_map else None,
-                  kv_mapper=params.kv_map if kv_map else None, mapper_flops=params.mapper_flops(), **kw)
+                  kv_maps=params if kv_map else None, mapper_flops=params.mapper_flops(), **kw)
 
 
 def save_adept(params: AdeptParams, path) -> None:

@@ -104,13 +104,16 @@ def test_held_out_perplexity_beats_bigram(models):
 
 
 def test_readme_first_command_writes_english():
-    """``minadept generate "Once upon a time"`` with no --model: mostly real words, sentences."""
-    out = subprocess.run([sys.executable, "-m", "minadept", "generate", "Once upon a time",
-                          "--seed", "0", "--max-new-tokens", "60"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    words = re.findall(r"[A-Za-z']+", out.stdout)
-    assert len(words) >= 20, out.stdout
+    """``minadept generate "Once upon a time"`` with no --model: mostly real words. Three seeds
+    pooled, since a sample may end early at <|endoftext|>."""
+    words = []
+    for seed in ("0", "1", "2"):
+        out = subprocess.run([sys.executable, "-m", "minadept", "generate", "Once upon a time",
+                              "--seed", seed, "--max-new-tokens", "60"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        words += re.findall(r"[A-Za-z']+", out.stdout.split("\nprompt tokens")[0])
+    assert len(words) >= 60, words
     vocab = set(re.findall(r"[a-z']+", valid_text().lower()))
     known = sum(w.lower() in vocab for w in words) / len(words)
-    assert known > 0.9, (known, out.stdout)
+    assert known > 0.9, (known, " ".join(words))

@@ -72,10 +72,10 @@ def fmt(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-valid", action="store_true", help="also score all of valid.txt at the default")
     ap.add_argument("--speed-only", action="store_true",
@@ -170,6 +170,7 @@ def timing(model, params, full, prompts, args):
     speed = []
     for tau, fill in [(tau0, "eager"), (tau0, "lazy"), (0.9, "eager"), (0.8, "eager"), (0.7, "eager")]:
         eng = adept_engine(model, params, tau, fill=fill)
+        time_generation(eng, prompts[:1], 8)        # warm-up (folds the K/V maps of the exit layers used)
         (bp, bd), (p, d) = paired_speed(full, eng, prompts, args.new_tokens, args.rounds)
         speed.append(dict(setting=f"adept tau={tau} {fill}", full_prefill=bp, full_decode=bd,
                           prefill=p, decode=d, prefill_ratio=p / bp, decode_ratio=d / bd))

@@ -172,7 +172,6 @@ class Engine:
         h_exit = np.empty_like(h)
         exit_layers = np.full(T, L, dtype=np.int64)
         blocks_f = np.zeros(T, dtype=np.int64)
-        checks_f = np.zeros(T, dtype=np.int64)
         prop_f = 0
         active = everyone = np.arange(T)
         check_logits: dict[int, np.ndarray] = {}
@@ -214,7 +213,6 @@ class Engine:
                               positions=pos[active], step=step,
                               predict=lambda hh, _l=layer: self.predict(hh, _l))
             mask, logits = self.policy.decide(state)
-            checks_f[active] += self.policy.check_flops(cfg)
             if not mask.any():
                 continue
             out = active[mask]
@@ -230,6 +228,9 @@ class Engine:
 
         h_exit[active] = h[active]
         cache.length = end
+        # a token is checked after every block from min_exit_layer up to its exit (at most L-1)
+        n_checks = np.clip(np.minimum(exit_layers, L - 1) - self.policy.min_exit_layer + 1, 0, None)
+        checks_f = n_checks * self.policy.check_flops(cfg) if checking else np.zeros(T, dtype=np.int64)
         rows = np.arange(T) if all_logits else np.array([T - 1])
         logits, head_f = self._predictions(rows, check_logits, exit_layers, h_exit)
         return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,

@@ -294,3 +294,24 @@ def test_default_threshold_comes_from_the_file(params):
     pol = make_policy("adept", MODEL.config, adept=params)
     assert pol.schedule.tau == params.threshold
     assert make_policy("adept", MODEL.config, adept=params, threshold=0.3).schedule.tau == 0.3
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.5, 0.9, 0.99, 1.0])
+def test_logit_decision_equals_probability_threshold(params, tau):
+    """Adept.decide compares the logit with log(tau / (1 - tau)): the same decisions as
+    P(Exit) > tau (the documented rule), at every layer."""
+    from minadept.exits.policies import ExitState
+    rng = np.random.default_rng(7)
+    pol = make_policy("adept", MODEL.config, threshold=tau, adept=params)
+    seen = set()
+    for k in range(1, L):
+        h, hp = (rng.standard_normal((2, 200, MODEL.config.n_embd)) * rng.uniform(0.5, 20)).astype(np.float32)
+        state = ExitState(layer=k, h=h, h_prev=hp, q=None, k=None, v=None, positions=np.arange(200),
+                          step=0, predict=None)
+        mask, _ = pol.decide(state)
+        p = params.score(k, h, hp)
+        clear = np.abs(p - tau) > 1e-9
+        assert np.array_equal(mask[clear], (p > tau)[clear])
+        seen.update(mask.tolist())
+    if 0.0 < tau < 1.0:
+        assert seen == {True, False}           # the test exercises both outcomes

@@ -106,18 +106,20 @@ class AdeptParams:
             out[mapped] = n[None] + corr + self.kv_c[p][:, None, :]
         return out
 
-    def score(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
-        """P(Exit) [A] float64 of the states after block k: ``sigmoid(policy_features(h, h_prev)
-        @ w + b)``; the logit comes from the Cython kernel on the fast backend (decode calls this
-        at every layer), else from ``adept_logit_numpy``."""
+    def logit(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
+        """The policy's logit [A] float64 of the states after block k (h, h_prev [A, C]):
+        ``policy_features(h, h_prev) @ w + b``, from the Cython kernel on the fast backend (decode
+        calls this at every layer), else from ``adept_logit_numpy``."""
         w, b = self.policy_w[k - 1], float(self.policy_b[k - 1])
         K = backend.kernels()
         if K is not None:
-            z = K.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
-                              np.ascontiguousarray(h_prev, dtype=np.float32), w, b, 1e-5)
-        else:
-            z = adept_logit_numpy(h, h_prev, w, b)
-        return 1.0 / (1.0 + np.exp(-z))
+            return K.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
+                                 np.ascontiguousarray(h_prev, dtype=np.float32), w, b, 1e-5)
+        return adept_logit_numpy(h, h_prev, w, b)
+
+    def score(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
+        """P(Exit) [A] float64 of the states after block k: sigmoid of ``logit``."""
+        return 1.0 / (1.0 + np.exp(-self.logit(k, h, h_prev)))
 
 
 def adept_logit_numpy(h: np.ndarray, h_prev: np.ndarray, w: np.ndarray, b: float,

@@ -24,7 +24,7 @@ from ..flops import head_flops
 from ..nn import FAST_MAX_ROWS
 
 
-@dataclass
+@dataclass(slots=True)
 class ExitState:
     """State s = (h, q, k, v) of the A still-active tokens after block ``layer`` (1-based)."""
     layer: int                     # k in 1..n_layer-1
@@ -200,6 +200,15 @@ class Adept(ThresholdPolicy):
 
     def score(self, state):
         return self.params.score(state.layer, state.h, state.h_prev), None
+
+    def decide(self, state):
+        """P(Exit) > tau, decided on the logit (z > log(tau / (1 - tau))): the same decisions
+        without a sigmoid per check; tau = 1 never exits and skips the features altogether."""
+        tau = self.schedule(state.step)
+        if tau >= 1.0:
+            return np.zeros(len(state.h), dtype=bool), None
+        cut = math.log(tau / (1.0 - tau)) if tau > 0.0 else -math.inf
+        return self.params.logit(state.layer, state.h, state.h_prev) > cut, None
 
     def check_flops(self, config):
         return 2 * (config.n_embd + 2) + 10 * config.n_embd

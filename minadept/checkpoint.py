@@ -197,7 +197,10 @@ def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
         raise MinadeptError(f"weights: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
     if t.dtype.kind != "f":
         raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected a float type")
-    return np.ascontiguousarray(t, dtype=np.float32)
+    t = np.ascontiguousarray(t, dtype=np.float32)
+    if not np.isfinite(t).all():
+        raise MinadeptError(f"weights: tensor {name} has NaN or infinite values")
+    return t
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config) -> Params:

@@ -38,7 +38,7 @@ def _add_policy(p):
     g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
     g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
     g.add_argument("--schedule", default="constant", help="threshold schedule: constant or decay (CALM)")
-    g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop, oracle")
+    g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop (its per-layer twin, identity K/V map), oracle")
     g.add_argument("--kv-fill", default="eager", help="eager or lazy (lazy only with --kv propagate)")
     g.add_argument("--adept", default=None,
                    help="calibrated policy file or its directory (default: adept.safetensors in the model directory)")

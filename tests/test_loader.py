@@ -201,6 +201,17 @@ def test_non_float_tensor_is_an_error(tiny):
         params_from_tensors(t, tiny.model.config)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_an_error(tiny, bad):
+    """A checkpoint with NaN/inf weights (e.g. a diverged training run) is refused by name, not
+    turned into NaN logits."""
+    t = _tensors(tiny)
+    t["h.1.mlp.c_proj.weight"] = t["h.1.mlp.c_proj.weight"].copy()
+    t["h.1.mlp.c_proj.weight"][3, 5] = bad
+    with pytest.raises(MinadeptError, match=re.escape("h.1.mlp.c_proj.weight has NaN or infinite values")):
+        params_from_tensors(t, tiny.model.config)
+
+
 def test_layers_beyond_n_layer_are_an_error(tiny):
     cfg = tiny.model.config
     fewer = GPT2Config(n_layer=cfg.n_layer - 1, n_head=cfg.n_head, n_embd=cfg.n_embd,

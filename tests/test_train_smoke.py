@@ -87,3 +87,19 @@ def test_early_exit_fine_tune_lowers_the_intermediate_loss(tmp_path):
     proc = subprocess.run(base + ["--out", str(tmp_path / "x"), "--init", str(tmp_path), "--steps", "1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no tokenizer.json" in proc.stderr
+    for w in ("nan", "inf", "-1"):
+        proc = subprocess.run(base + ["--out", str(tmp_path / "x"), "--init", str(start), "--steps", "1",
+                                      "--exit-loss-weight", w], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "--exit-loss-weight must be a finite number" in proc.stderr, w
+    # a failed --init (model and tokenizer vocabularies differ) is one line and leaves --out alone
+    (tmp_path / "mix").mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / "mix" / name).write_bytes((start / name).read_bytes())
+    (tmp_path / "mix" / "tokenizer.json").write_bytes(
+        (ROOT / "weights" / "minigpt2-stories" / "tokenizer.json").read_bytes())
+    keep = (tmp_path / "w3" / "tokenizer.json").read_bytes()
+    proc = subprocess.run(base + ["--out", str(tmp_path / "w3"), "--init", str(tmp_path / "mix"), "--steps", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--init model has vocab 300, tokenizer 8192" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "w3" / "tokenizer.json").read_bytes() == keep

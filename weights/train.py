@@ -128,10 +128,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
-    if args.exit_loss_weight < 0 or args.exit_layers_per_step < 1:
-        p.error("--exit-loss-weight must be >= 0 and --exit-layers-per-step >= 1")
+    if not (math.isfinite(args.exit_loss_weight) and args.exit_loss_weight >= 0) or args.exit_layers_per_step < 1:
+        p.error("--exit-loss-weight must be a finite number >= 0 and --exit-layers-per-step >= 1")
     if args.init is not None and not (Path(args.init) / "tokenizer.json").is_file():
         p.error(f"--init {args.init}: no tokenizer.json there")
+    if args.init is not None and not (Path(args.init) / "model.safetensors").is_file():
+        p.error(f"--init {args.init}: no model.safetensors there")
     return args
 
 
@@ -157,9 +159,10 @@ def main(argv=None) -> int:
     tok_path = out / "tokenizer.json"
     if args.init is not None:
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(Path(args.init) / "tokenizer.json"))
-        if Path(args.init).resolve() != out.resolve():
-            tok.save(str(tok_path))
+        try:
+            tok = Tokenizer.from_file(str(Path(args.init) / "tokenizer.json"))
+        except Exception as e:                                    # tokenizers raises a bare Exception
+            raise SystemExit(f"error: --init {args.init}: cannot read tokenizer.json ({e})") from None
     elif args.resume and tok_path.exists():
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tok_path))
@@ -170,14 +173,14 @@ def main(argv=None) -> int:
         print(f"tokenizer: vocab {tok.get_vocab_size()} trained in {time.time() - t0:.1f}s", file=sys.stderr)
     vocab_size = tok.get_vocab_size()
     eot = tok.token_to_id(EOT)
+    if eot is None:
+        raise SystemExit(f"error: the tokenizer has no {EOT} token")
     train_ids = encode_stream(tok, train_docs)
     valid_ids = encode_stream(tok, valid_docs)
     print(f"tokens: train {len(train_ids):,}  valid {len(valid_ids):,}  "
           f"(train bytes/token {len(text.encode()) / len(train_ids):.2f})", file=sys.stderr)
 
     T, B = args.n_positions, args.batch_size
-    if len(train_ids) <= T + 1:
-        raise SystemExit(f"error: training text has {len(train_ids)} tokens, need more than {T + 1}")
 
     torch.manual_seed(args.seed)
     config = GPT2Config(
@@ -186,15 +189,30 @@ def main(argv=None) -> int:
         attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
     )
     if args.init is not None:
-        model = GPT2LMHeadModel.from_pretrained(args.init)
+        try:   # fp32 whatever the checkpoint's dtype: AdamW in fp16 on CPU diverges to NaN
+            model = GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --init {args.init}: cannot load the model ({type(e).__name__}: {e})") from None
         config = model.config
         T = config.n_positions
         if config.vocab_size != vocab_size:
             raise SystemExit(f"error: --init model has vocab {config.vocab_size}, tokenizer {vocab_size}")
+        # the run's settings are the checkpoint's shape, not the (ignored) shape flags
+        args.n_layer, args.n_head, args.n_embd, args.n_positions = (config.n_layer, config.n_head,
+                                                                    config.n_embd, config.n_positions)
+        if Path(args.init).resolve() != out.resolve():
+            tok.save(str(tok_path))
     else:
         model = GPT2LMHeadModel(config)
+    if len(train_ids) <= T + 1:
+        raise SystemExit(f"error: training text has {len(train_ids)} tokens, need more than {T + 1}")
+    if len(valid_ids) <= T + 1:
+        raise SystemExit(f"error: held-out text has {len(valid_ids)} tokens, need more than {T + 1}")
     L = config.n_layer
-    W, n_exit = args.exit_loss_weight, min(args.exit_layers_per_step, L - 1)
+    W = args.exit_loss_weight
+    if W > 0 and L < 2:
+        raise SystemExit("error: --exit-loss-weight needs a model with at least 2 layers (it has 1)")
+    n_exit = args.exit_layers_per_step = min(args.exit_layers_per_step, L - 1)   # logged as used
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -208,8 +226,12 @@ def main(argv=None) -> int:
     ckpt = out / "ckpt.pt"
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: {ckpt} does not match this model's shape; "
+                             f"remove it or drop --resume ({str(e).splitlines()[0]})") from None
         rng.bit_generator.state = state["rng"]
         log = state["log"]
         start = state["step"]

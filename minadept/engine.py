@@ -175,7 +175,7 @@ class Engine:
         prop_f = 0
         active = everyone = np.arange(T)
         check_logits: dict[int, np.ndarray] = {}
-        oracle, checking = self.kv == "oracle", not isinstance(self.policy, NoExit)
+        oracle, checking = self.kv == "oracle", not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
         hidden = np.empty((L + 1, T, cfg.n_embd), np.float32) if record_hidden else None
         if record_hidden:
             hidden[0] = h

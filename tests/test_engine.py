@@ -87,6 +87,8 @@ def test_policies_that_never_exit_are_bit_identical(policy):
     assert np.array_equal(logits0, logits1), f"max diff {np.abs(logits0 - logits1).max()}"
     assert np.array_equal(cache0.kv, cache1.kv)
     assert all((r.exit_layers == L).all() for r in res)
+    if isinstance(policy, (Confidence, Margin, Saturation)) and policy.min_exit_layer < L:   # tau = 1
+        assert all(r.total_flops == r.full_flops for r in res)      # no check is run, none counted
 
 
 def test_cli_policy_settings_that_never_exit():

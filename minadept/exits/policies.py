@@ -77,6 +77,11 @@ class Policy:
         """FLOPs of one exit check for one token."""
         return 0
 
+    def never_exits(self, step: int) -> bool:
+        """True if no token can exit at generated-token index ``step``: the engine then runs no
+        checks at all (and counts none)."""
+        return False
+
     def settings(self) -> dict:
         return {"exit": self.name, "min_exit_layer": self.min_exit_layer}
 
@@ -117,6 +122,9 @@ class ThresholdPolicy(Policy):
     def decide(self, state):
         score, logits = self.score(state)
         return score > self.schedule(state.step), logits
+
+    def never_exits(self, step):
+        return self.schedule(step) >= 1.0          # every score is <= 1: "score > 1" never holds
 
     def settings(self):
         s = {"exit": self.name, "min_exit_layer": self.min_exit_layer, "threshold": self.schedule.tau}

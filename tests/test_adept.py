@@ -315,3 +315,15 @@ def test_logit_decision_equals_probability_threshold(params, tau):
         seen.update(mask.tolist())
     if 0.0 < tau < 1.0:
         assert seen == {True, False}           # the test exercises both outcomes
+
+
+def test_dump_policy_records_the_mappers(params):
+    """A reference dump says which mappers made it (learned and identity dumps differ)."""
+    import json
+    from minadept.dump import dump_arrays
+    from minadept.exits.adept import adept_engine
+    pol = make_policy("adept", MODEL.config, threshold=0.5, adept=params)
+    a = json.loads(str(dump_arrays(adept_engine(MODEL, pol, params), IDS[:10])["policy"]))
+    b = json.loads(str(dump_arrays(adept_engine(MODEL, pol, params, kv_map=False), IDS[:10])["policy"]))
+    assert (a["exit_map"], a["kv_map"]) == ("learned", "learned")
+    assert (b["exit_map"], b["kv_map"]) == ("learned", "identity")

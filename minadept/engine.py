@@ -12,6 +12,7 @@ Accounting is returned as data (FLOPs per token by kind); callers measure wall t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -76,7 +77,12 @@ class Engine:
         self.exit_mapper, self.kv_maps = exit_mapper, kv_maps
         self.exit_map_flops = int(mapper_flops[0]) if exit_mapper is not None else 0
         self.kv_map_flops = int(mapper_flops[1]) if kv_maps is not None else 0
-        self.stacked = StackedKV(model, kv_maps) if kv == "propagate" else None
+
+    @cached_property
+    def stacked(self) -> StackedKV:
+        """The folded propagation weights (``--kv propagate``), built on the first exit: a plain
+        full-depth engine never pays for them."""
+        return StackedKV(self.model, self.kv_maps)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions (default n_positions). Size it to what a run

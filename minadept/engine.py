@@ -16,6 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
+from . import backend
 from . import model as M
 from .cache import KVCache
 from .errors import MinadeptError
@@ -173,6 +174,11 @@ class Engine:
             raise MinadeptError(f"{end} tokens do not fit in the context of {cache.n_ctx} (n_positions)")
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise MinadeptError(f"token id out of range [0, {cfg.vocab_size})")
+        if T == 1 and not record_hidden and self.kv != "oracle" and backend.kernels() is not None:
+            plan = self.model.decode_plan
+            if plan is not None:
+                with backend.single_threaded_blas():
+                    return self._forward_one(int(ids[0]), cache, step, plan)
         pos = np.arange(p0, end)
         h = M.embed(params, ids, pos)                                       # [T, C]
         h_exit = np.empty_like(h)
@@ -242,3 +248,59 @@ class Engine:
         return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,
                              check_flops=checks_f, head_flops=head_f, propagation_flops=prop_f,
                              full_flops=full_forward_flops(cfg, T, len(rows), start=p0), hidden=hidden)
+
+    # -- the fused single-token path (fast backend) ----------------------------------------------
+    def _forward_one(self, token: int, cache: KVCache, step: int, plan) -> ForwardResult:
+        """``forward`` for one token with the fused decode step (``model.decode_plan``): each block
+        is one call into the extension, and the LM head one BLAS product. Same decisions, cache
+        writes and accounting as the layer loop above (tests/test_fused.py); exit checks, K/V
+        propagation and lazy fill are the same Python as there."""
+        cfg, L, p = self.config, self.config.n_layer, cache.length
+        x, x_prev = np.empty(cfg.n_embd, np.float32), np.empty(cfg.n_embd, np.float32)
+        h, h_prev = x.reshape(1, -1), x_prev.reshape(1, -1)                 # [1, C] views
+        plan.embed(token, p, x)
+        position = np.array([p])
+        checking = not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
+        first = self.policy.min_exit_layer if checking else L
+        exit_layer, check_logits, prop_f = L, None, 0
+        if self.fill != "lazy":                      # no checks before block `first`: one call
+            plan.blocks_range(0, min(first, L) - 1, x, cache.kv, p)
+            start = min(first, L) - 1
+        else:
+            start = 0
+        for l in range(start, L):
+            if self.fill == "lazy":
+                prop_f += self.fill_pending(cache, l, p + 1)
+            plan.block(l, x, x_prev, cache.kv, p)
+            layer = l + 1
+            if layer >= L or layer < first:
+                continue
+            state = ExitState(layer=layer, h=h, h_prev=h_prev, q=plan.q, k=plan.k, v=plan.v,
+                              positions=position, step=step,
+                              predict=lambda hh, _l=layer: self._predict_one(plan, hh, _l))
+            mask, logits = self.policy.decide(state)
+            if mask[0]:
+                exit_layer = layer
+                check_logits = None if logits is None else logits[0]
+                prop_f += self._propagate(cache, h.copy(), position, layer)
+                break
+        cache.length = p + 1
+        n_checks = max(0, min(exit_layer, L - 1) - self.policy.min_exit_layer + 1) if checking else 0
+        if check_logits is None:
+            logits = self._predict_one(plan, h, exit_layer)
+            head_f = head_flops(cfg) + (self.exit_map_flops if exit_layer < L else 0)
+        else:
+            logits, head_f = check_logits[None], 0
+        return ForwardResult(logits=logits, exit_layers=np.array([exit_layer]),
+                             block_flops=np.array([exit_layer * block_flops(cfg, p + 1)], dtype=np.int64),
+                             check_flops=np.array([n_checks * self.policy.check_flops(cfg)], dtype=np.int64),
+                             head_flops=np.array([head_f], dtype=np.int64), propagation_flops=prop_f,
+                             full_flops=full_forward_flops(cfg, 1, 1, start=p))
+
+    def _predict_one(self, plan, h: np.ndarray, layer: int) -> np.ndarray:
+        """``predict`` for one state h [1, C] through the fused LM head -> [1, V]."""
+        if self.exit_mapper is not None and layer < self.config.n_layer:
+            h = self.exit_mapper(layer, h)
+        logits = np.empty((1, self.config.vocab_size), np.float32)
+        plan.head(np.ascontiguousarray(h[0], dtype=np.float32), logits[0])
+        return logits

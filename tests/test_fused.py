@@ -1,0 +1,153 @@
+"""Issue 6: the fused single-token decode step (``_fast_kernels.DecodePlan``) equals its NumPy
+twin, one block at a time (hypothesis, random shapes, positions and caches) and as the engine's
+single-token path (same exits, FLOPs, cache and tokens as the NumPy layer loop, every policy and
+K/V fill). Its BLAS products are float32 like NumPy's, summed in another order, so block outputs
+are compared at the float32 level (rtol 1e-5, atol 1e-5 on O(1) values), not bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minadept import backend
+from minadept import model as M
+from minadept.engine import Engine
+from minadept.exits.policies import Confidence, Constant, Fixed, Margin, NoExit, Saturation
+
+from randmodel import random_model
+from test_engine import PROMPT, RandomExit, run
+from test_kernels import SETTINGS
+
+K = backend._load_fast()
+pytestmark = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
+
+
+@pytest.fixture
+def numpy_backend():
+    saved = backend._state
+    backend.use("numpy")
+    yield
+    backend._state = saved
+
+
+def close(got, want, what):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                               err_msg=f"{what}: max |diff| {np.abs(got - want).max()}")
+
+
+@SETTINGS
+@given(data=st.data(), H=st.integers(1, 6), D=st.sampled_from([1, 3, 8, 16, 32]),
+       n_ctx=st.integers(1, 40), L=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_block_equals_numpy_block(data, H, D, n_ctx, L, seed):
+    """One fused block = ``qkv`` + ``write_kv`` + ``block_rest`` (NumPy backend) at any position
+    of a random cache: the residual stream, the K/V written and the q|k|v left for exit checks."""
+    m = random_model(n_layer=L, n_head=H, n_embd=H * D, vocab_size=11, n_positions=n_ctx, seed=seed % 1000)
+    plan = m.decode_plan
+    rng = np.random.default_rng(seed)
+    pos = data.draw(st.integers(0, n_ctx - 1))
+    l = data.draw(st.integers(0, L - 1))
+    kv = rng.standard_normal((L, 2, H, n_ctx, D)).astype(np.float32)
+    x = rng.standard_normal(H * D).astype(np.float32)
+    saved = backend._state
+    backend.use("numpy")
+    try:
+        want_kv = kv.copy()
+        blk = m.params.h[l]
+        q, k, v = M.qkv(blk, x[None], m.config)
+        M.write_kv(want_kv[l], np.array([pos]), k, v)
+        want = M.block_rest(blk, x[None], q, want_kv[l, 0, :, :pos + 1], want_kv[l, 1, :, :pos + 1],
+                            np.array([pos]), m.config)[0]
+    finally:
+        backend._state = saved
+    got, prev = x.copy(), np.empty_like(x)
+    plan.block(l, got, prev, kv, pos)
+    assert np.array_equal(prev, x)
+    close(got, want, f"block H={H} D={D} pos={pos}")
+    close(kv, want_kv, "K/V written")
+    close(plan.q, q, "q")
+    close(plan.k, k, "k")
+    close(plan.v, v, "v")
+
+
+@SETTINGS
+@given(H=st.integers(1, 4), D=st.sampled_from([1, 8, 32]), V=st.integers(1, 300), seed=st.integers(0, 999))
+def test_head_and_embed_equal_numpy(H, D, V, seed):
+    m = random_model(n_layer=1, n_head=H, n_embd=H * D, vocab_size=V, n_positions=8, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(H * D).astype(np.float32) * 3
+    logits = np.empty(V, np.float32)
+    m.decode_plan.head(x, logits)
+    saved = backend._state
+    backend.use("numpy")
+    try:
+        want = M.lm_head(m, M.final_norm(m.params, x[None], m.config))[0]
+    finally:
+        backend._state = saved
+    close(logits, want, "head")
+    tok, pos = int(rng.integers(V)), int(rng.integers(8))
+    e = np.empty(H * D, np.float32)
+    m.decode_plan.embed(tok, pos, e)
+    assert np.array_equal(e, M.embed(m.params, np.array([tok]), np.array([pos]))[0])
+
+
+MODEL = random_model(n_layer=4, seed=1)
+POLICIES = {"none": NoExit, "fixed 2": lambda: Fixed(2), "random": lambda: RandomExit(0.3, 1),
+            "confidence": lambda: Confidence(Constant(0.5)), "margin": lambda: Margin(Constant(0.4)),
+            "saturation": lambda: Saturation(Constant(0.6))}
+
+
+@pytest.mark.parametrize("fill", ["eager", "lazy"])
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_engine_single_token_path_equals_layer_loop(name, fill):
+    """Generation on the fast backend (single tokens through the fused step) against the NumPy
+    backend (the layer loop): identical tokens, exit layers and FLOPs; logits and caches equal
+    to float32 level."""
+    out = {}
+    for b in ("numpy", "fast"):
+        saved = backend._state
+        backend.use(b)
+        try:
+            out[b] = run(Engine(MODEL, POLICIES[name](), fill=fill), PROMPT, n_new=10)
+        finally:
+            backend._state = saved
+    (ta, la, ca, ra), (tb, lb, cb, rb) = out["numpy"], out["fast"]
+    assert ta == tb
+    for a, b in zip(ra, rb):
+        assert np.array_equal(a.exit_layers, b.exit_layers)
+        for f in ("block_flops", "check_flops", "head_flops"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
+        assert (a.propagation_flops, a.full_flops) == (b.propagation_flops, b.full_flops)
+    close(lb, la, "logits")
+    close(cb.kv, ca.kv, "KV cache")
+    assert np.array_equal(cb.pending, ca.pending) and cb.length == ca.length
+
+
+def test_fused_path_is_taken_and_blas_threads_restored(monkeypatch):
+    """The fast backend's decode goes through the plan, inside ``single_threaded_blas``, and
+    every BLAS library gets its thread count back."""
+    from threadpoolctl import threadpool_info
+    calls = []
+    eng = Engine(MODEL)
+    real = eng._forward_one
+    monkeypatch.setattr(eng, "_forward_one", lambda *a: calls.append(1) or real(*a))
+    saved = backend._state
+    backend.use("fast")
+    try:
+        before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        run(eng, PROMPT, n_new=3)
+        after = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    finally:
+        backend._state = saved
+    assert len(calls) == 3 and before == after
+
+
+def test_plan_rejects_a_mismatched_cache():
+    plan = MODEL.decode_plan
+    x, prev = np.zeros(MODEL.config.n_embd, np.float32), np.zeros(MODEL.config.n_embd, np.float32)
+    bad = np.zeros((3, 2, MODEL.config.n_head, 8, MODEL.config.head_dim), np.float32)
+    with pytest.raises(ValueError, match="KV cache"):
+        plan.block(0, x, prev, bad, 0)
+    good = np.zeros((4, 2, MODEL.config.n_head, 8, MODEL.config.head_dim), np.float32)
+    with pytest.raises(ValueError, match="position"):
+        plan.block(0, x, prev, good, 8)

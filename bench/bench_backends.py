@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from minadept import backend
 from minadept.engine import Engine
+from minadept.exits.adept import adept_engine, load_adept
 from minadept.exits.policies import make_policy
 from minadept.model import Model
 
@@ -51,16 +52,18 @@ def main(argv=None):
     ids = np.asarray(m.tokenizer.encode(VALID.read_text(encoding="utf-8")[:400000]), dtype=np.int64)
     starts = np.random.default_rng(0).integers(0, len(ids) - args.prompt_tokens, args.prompts)
     prompts = [ids[s:s + args.prompt_tokens] for s in starts]
-    settings = {"full depth": lambda: make_policy("none", m.config),
-                "confidence 0.9": lambda: make_policy("confidence", m.config, threshold=0.9),
-                f"fixed {L // 2}": lambda: make_policy("fixed", m.config, exit_layer=L // 2)}
+    ap = load_adept(m.path, m.config)
+    settings = {"full depth": lambda: Engine(m, make_policy("none", m.config)),
+                f"adept {ap.threshold:g}": lambda: adept_engine(m, make_policy("adept", m.config, adept=ap), ap),
+                "confidence 0.9": lambda: Engine(m, make_policy("confidence", m.config, threshold=0.9)),
+                f"fixed {L // 2}": lambda: Engine(m, make_policy("fixed", m.config, exit_layer=L // 2))}
     rows = {}
     for label, mk in settings.items():
         res = {b: {"pre": [], "dec": [], "toks": []} for b in ("numpy", "fast")}
         for rep in range(args.repeats + 1):                       # first round is warm-up
             for b in ("numpy", "fast") if rep % 2 == 0 else ("fast", "numpy"):
                 backend.use(b)
-                eng = Engine(m, mk())
+                eng = mk()
                 for p in prompts:
                     pre, dec, toks = generate_greedy(eng, p, args.new_tokens)
                     if rep:

@@ -13,8 +13,11 @@ _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
 
 
-#: The scalar Cython kernels (layer norm, GELU) win on few rows, where NumPy's per-call overhead
-#: dominates (decode); on prefill-sized inputs NumPy's vectorised loops are faster.
+#: The layer-norm kernel (one pass per row, sums in double) wins up to about this many values,
+#: where NumPy's per-call overhead dominates (decode, small prefills); beyond it NumPy's vectorised
+#: passes are as fast (measured 29 vs 55 us at [64, 192], 225 vs 201 us at [128, 768]).
+FAST_LAYER_NORM_MAX = 1 << 16
+#: Row limit for the softmax-top-2 kernel (exit checks of a few tokens).
 FAST_MAX_ROWS = 8
 
 
@@ -22,7 +25,7 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * g + b`` (biased variance,
     as torch.nn.LayerNorm). x [..., C] float32, g/b [C] -> [..., C] float32."""
     K = backend.kernels()
-    if K is not None and x.ndim == 2 and x.shape[0] <= FAST_MAX_ROWS and x.flags.c_contiguous:
+    if K is not None and x.ndim == 2 and x.size <= FAST_LAYER_NORM_MAX and x.flags.c_contiguous:
         return K.layer_norm(x, g, b, eps)
     return layer_norm_numpy(x, g, b, eps)
 
@@ -47,7 +50,7 @@ def normalize(x: np.ndarray, eps: float) -> np.ndarray:
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh`` / ``gelu_fast``)."""
     K = backend.kernels()
-    if K is not None and x.ndim == 2 and x.shape[0] <= FAST_MAX_ROWS and x.flags.c_contiguous:
+    if K is not None and x.ndim == 2 and x.flags.c_contiguous:     # vectorised: 2x NumPy at any size
         return K.gelu_tanh(x)
     return gelu_tanh_numpy(x)
 
@@ -108,7 +111,7 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
 
 
 #: Up to this many queries the fused kernel runs attention (decode, small active sets); above it
-#: BLAS matrix products win.
+#: BLAS matrix products win, with the fast backend's ``causal_softmax`` between them.
 FAST_ATTENTION_MAX_QUERIES = 8
 
 
@@ -119,9 +122,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) ->
     Query t sees keys at positions <= q_pos[t]. Returns [H, T, D] float32.
     """
     K = backend.kernels()
-    if K is not None and q.shape[1] <= FAST_ATTENTION_MAX_QUERIES:
-        return K.attention(q, k, v, np.ascontiguousarray(q_pos, dtype=np.int64))
-    return attention_numpy(q, k, v, q_pos)
+    if K is None or q.shape[1] == 0:
+        return attention_numpy(q, k, v, q_pos)
+    q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
+    if q.shape[1] <= FAST_ATTENTION_MAX_QUERIES:
+        return K.attention(q, k, v, q_pos)
+    scores = q @ k.transpose(0, 2, 1)                                       # [H, T, S]
+    return K.causal_softmax(scores, q_pos, 1.0 / np.sqrt(q.shape[-1])) @ v
 
 
 def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
@@ -134,13 +141,21 @@ def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarr
         return np.zeros(q.shape, np.float32)
     if dtype is not np.float32:
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    D = q.shape[-1]
-    scores = (q @ k.transpose(0, 2, 1)) * dtype(1.0 / np.sqrt(D))         # [H, T, S]
-    S = k.shape[1]
-    if S > 1 and (q.shape[1] > 1 or q_pos[0] < S - 1):
+    p = causal_softmax_numpy(q @ k.transpose(0, 2, 1), q_pos, 1.0 / np.sqrt(q.shape[-1]))
+    return (p @ v).astype(np.float32, copy=False)                        # [H, T, D]
+
+
+def causal_softmax_numpy(scores: np.ndarray, q_pos: np.ndarray, scale: float) -> np.ndarray:
+    """NumPy twin of the fast ``causal_softmax`` kernel: raw scores q.k [H, T, S] -> softmax of
+    ``scale * scores`` over keys s <= q_pos[t] per (head, query t), 0 for later keys. Computed in
+    the dtype of ``scores``."""
+    dtype = scores.dtype.type
+    scores = scores * dtype(scale)
+    S = scores.shape[-1]
+    if S > 1 and (scores.shape[1] > 1 or q_pos[0] < S - 1):
         future = np.arange(S)[None, :] > q_pos[:, None]                    # [T, S]
         scores = np.where(future[None], dtype(-np.inf), scores)
-    return (softmax(scores) @ v).astype(np.float32, copy=False)           # [H, T, D]
+    return softmax(scores)
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -88,6 +88,21 @@ def test_attention(data, H, D, S, frac, kind):
 
 @needs_fast
 @SETTINGS
+@given(data=st.data(), H=st.integers(1, 6), T=st.integers(1, 40), S=st.integers(1, 300),
+       scale=st.sampled_from([0.01, 0.125, 1.0]))
+def test_causal_softmax(data, H, T, S, scale):
+    """The prefill attention's masked softmax (between the two BLAS products), in place, for
+    any query positions (an arbitrary active subset: sorted, possibly beyond S - 1)."""
+    scores = data.draw(arrays((H, T, S)))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    q_pos = np.sort(np.random.default_rng(seed).integers(0, S + 3, T)).astype(np.int64)
+    want = nn.causal_softmax_numpy(scores.astype(np.float64), q_pos, scale).astype(np.float32)
+    got = K.causal_softmax(scores.copy(), q_pos, scale)
+    close(got, want, f"causal_softmax H={H} T={T} S={S}")
+
+
+@needs_fast
+@SETTINGS
 @given(data=st.data(), n=st.integers(0, 5), V=st.integers(2, 3000))
 def test_softmax_top2(data, n, V):
     logits = data.draw(arrays((n, V)))

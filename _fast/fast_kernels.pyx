@@ -77,8 +77,10 @@ cdef inline void attend_one(const float* q, const float* k, const float* v, Py_s
                             Py_ssize_t vs, Py_ssize_t n, Py_ssize_t D, double scale,
                             double* w, double* acc, float* out) noexcept nogil:
     """One query q [D] over keys/values k, v [n, D] (row strides ks, vs in floats, rows
-    contiguous): stable softmax of scale * q.k, weighted sum of v -> out [D]. Double precision;
-    four partial sums per dot product break the add chain. w [n], acc [D] are scratch."""
+    contiguous): stable softmax of scale * q.k, weighted sum of v -> out [D]. Scores and sums in
+    double (four partial sums per dot product break the add chain); the exponentials of the
+    differences to the maximum in single precision (``exp_approx``, vectorised). w [n], acc [D]
+    are scratch."""
     cdef Py_ssize_t s, d
     cdef double m = -1e300, z = 0.0, a0, a1, a2, a3, x
     cdef const float* kr
@@ -103,10 +105,10 @@ cdef inline void attend_one(const float* q, const float* k, const float* v, Py_s
         w[s] = x
         if x > m:
             m = x
+    for s in range(n):                                   # vectorised exponentials
+        w[s] = exp_approx(<float>(w[s] - m))
     for s in range(n):
-        x = exp(w[s] - m)
-        w[s] = x
-        z = z + x
+        z = z + w[s]
     for d in range(D):
         acc[d] = 0.0
     for s in range(n):
@@ -375,12 +377,14 @@ cdef class DecodePlan:
     Python call. Not re-entrant: one step at a time per plan (calls hold the GIL).
 
     blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
-    split_min: products with at least this many weights are split over the OpenMP threads.
+    split_min: products with at least this many weights are split over the OpenMP threads;
+    attn_split_min: attention is split by heads over them from this many H * keys * D values.
     """
     cdef BlockW* blocks
     cdef readonly int n_layer, n_embd, n_head, head_dim, n_inner, vocab_size, n_positions
     cdef double eps, scale
-    cdef public long split_min
+    cdef public long split_min, attn_split_min
+    cdef int n_threads
     cdef const float* wte
     cdef const float* wpe
     cdef const float* ln_f_g
@@ -396,7 +400,7 @@ cdef class DecodePlan:
     cdef double* acc_p
 
     def __cinit__(self, list blocks, wte, wpe, ln_f_g, ln_f_b, lm_head_t, int n_head, double eps,
-                  long split_min=1 << 21):
+                  long split_min=1 << 21, long attn_split_min=1 << 16):
         cdef int L = len(blocks), l
         V, C = wte.shape
         if L == 0 or C % n_head:
@@ -404,7 +408,8 @@ cdef class DecodePlan:
         self.n_layer, self.n_embd, self.n_head, self.vocab_size = L, C, n_head, V
         self.head_dim, self.n_inner, self.n_positions = C // n_head, 4 * C, wpe.shape[0]
         self.eps, self.scale = eps, 1.0 / sqrt(<double>(C // n_head))
-        self.split_min = split_min
+        self.split_min, self.attn_split_min = split_min, attn_split_min
+        self.n_threads = max(1, openmp.omp_get_num_procs(), openmp.omp_get_max_threads())
         self.keep = []
         F = 4 * C
         self.wte = _ptr(self.keep, wte, (V, C), "wte")
@@ -438,7 +443,8 @@ cdef class DecodePlan:
         self.k = self.qkv[C:2 * C].reshape(H, 1, D)
         self.v = self.qkv[2 * C:].reshape(H, 1, D)
         scratch = [np.zeros(C, np.float32), np.zeros(C, np.float32), np.zeros(F, np.float32),
-                   np.zeros(max(self.n_positions, 1), np.float64), np.zeros(D, np.float64)]
+                   np.zeros(self.n_threads * max(self.n_positions, 1), np.float64),
+                   np.zeros(self.n_threads * D, np.float64)]
         self.keep.extend(scratch)
         cdef float[::1] m_qkv = self.qkv, m_a = scratch[0], m_o = scratch[1], m_f = scratch[2]
         cdef double[::1] m_w = scratch[3], m_acc = scratch[4]
@@ -456,16 +462,23 @@ cdef class DecodePlan:
         cdef Py_ssize_t plane = H * n_ctx * D
         cdef float* kh
         cdef float* vh
+        cdef int nt, tid
         ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
         memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
         gemv_par(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0, self.split_min)
-        for h in range(H):                              # write this position's K/V, then attend
+        nt = openmp.omp_get_max_threads()
+        if nt > self.n_threads:
+            nt = self.n_threads
+        if nt < 2 or H * (pos + 1) * D < self.attn_split_min:
+            nt = 1
+        for h in prange(H, num_threads=nt, schedule="static"):   # per head: write K/V, attend
+            tid = openmp.omp_get_thread_num()
             kh = kv_l + h * n_ctx * D
             vh = kv_l + plane + h * n_ctx * D
             memcpy(kh + pos * D, self.qkv_p + C + h * D, D * sizeof(float))
             memcpy(vh + pos * D, self.qkv_p + 2 * C + h * D, D * sizeof(float))
-            attend_one(self.qkv_p + h * D, kh, vh, D, D, pos + 1, D, self.scale, self.w_p,
-                       self.acc_p, self.o_p + h * D)
+            attend_one(self.qkv_p + h * D, kh, vh, D, D, pos + 1, D, self.scale,
+                       self.w_p + tid * self.n_positions, self.acc_p + tid * D, self.o_p + h * D)
         for j in range(C):
             x[j] += bw.attn_c_proj_b[j]
         gemv_par(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0, self.split_min)       # x += o @ c_proj

@@ -188,6 +188,10 @@ class Engine:
         active = everyone = np.arange(T)
         check_logits: dict[int, np.ndarray] = {}
         oracle, checking = self.kv == "oracle", not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
+        # Generation predicts the last token only: at block L the others need their K/V (for later
+        # tokens) but not the attention output and MLP, which would feed nothing. Skipped there;
+        # the FLOP accounting still counts whole blocks (the model's nominal cost).
+        trim_last = not (all_logits or record_hidden or oracle)
         hidden = np.empty((L + 1, T, cfg.n_embd), np.float32) if record_hidden else None
         if record_hidden:
             hidden[0] = h
@@ -201,7 +205,12 @@ class Engine:
             x = h[run] if run.size < T else h
             q, k, v = M.qkv(blk, x, cfg)                                    # [H, R, D] each
             M.write_kv(cache.kv[l], pos[run], k, v)
-            x_new = M.block_rest(blk, x, q, cache.keys(l, end), cache.values(l, end), pos[run], cfg)
+            if l == L - 1 and trim_last:      # block L: only the predicted token needs more than K/V
+                j = np.flatnonzero(run == T - 1)
+                x_new = x
+                x_new[j] = M.block_rest(blk, x[j], q[:, j], cache.keys(l, end), cache.values(l, end), pos[run[j]], cfg)
+            else:
+                x_new = M.block_rest(blk, x, q, cache.keys(l, end), cache.values(l, end), pos[run], cfg)
             cost = block_flops(cfg, pos[run] + 1)
             if oracle and active.size < T:
                 is_active = np.zeros(T, bool)

@@ -13,6 +13,10 @@ from .config import GPT2Config
 from .tokenizer import Tokenizer
 
 
+#: Models with more float32 weights than this (bytes) split their decode products over threads.
+DECODE_SPLIT_MODEL_BYTES = 64 << 20
+
+
 @dataclass
 class Model:
     """A GPT-2 ready to run: ``config``, ``params`` (float32), ``tokenizer`` and where it came from."""
@@ -57,8 +61,13 @@ class Model:
             return None
         p = self.params
         blocks = [tuple(getattr(b, f.name) for f in fields(b)) for b in p.h]
+        # Weights beyond the last-level cache (e.g. 124M: 497 MB) stream from memory at every
+        # token, and two cores stream more than one: split products of 2 MB and up over the
+        # threads. A small model (the embedded one: 27 MB) runs from cache, where waking a second
+        # thread costs more than it saves and its spinning slows the next prefill's BLAS.
+        split = 1 << 19 if 4 * self.n_params > DECODE_SPLIT_MODEL_BYTES else 1 << 62
         return K.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, self.lm_head_t,
-                            self.config.n_head, self.config.layer_norm_epsilon)
+                            self.config.n_head, self.config.layer_norm_epsilon, split)
 
     # -- stacked ln_1 / c_attn K,V weights for batched KV propagation (ADEPT engine) --
     @cached_property

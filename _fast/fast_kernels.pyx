@@ -13,7 +13,7 @@ from cython.parallel import prange
 cimport openmp
 from libc.math cimport exp, expf, log, sqrt
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
 
 ctypedef const float[:, ::1] cmat
@@ -24,16 +24,42 @@ ctypedef const float[:, ::1] cmat
 
 cdef inline void ln_row(const float* x, const float* g, const float* b, float* out, Py_ssize_t C,
                         double eps) noexcept nogil:
-    """LayerNorm of one row x [C] -> out [C] (may alias x)."""
+    """LayerNorm of one row x [C] -> out [C] (may alias x). Mean and centred variance in double,
+    each as four partial sums (vectorised)."""
     cdef Py_ssize_t j
-    cdef double mean = 0.0, var = 0.0, d, inv
-    for j in range(C):
-        mean += x[j]
-    mean /= C
-    for j in range(C):
-        d = x[j] - mean
-        var += d * d
-    inv = 1.0 / sqrt(var / C + eps)
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, mean, var, d0, d1, d2, d3, inv
+    j = 0
+    while j + 4 <= C:
+        s0 = s0 + x[j]
+        s1 = s1 + x[j + 1]
+        s2 = s2 + x[j + 2]
+        s3 = s3 + x[j + 3]
+        j = j + 4
+    while j < C:
+        s0 = s0 + x[j]
+        j = j + 1
+    mean = ((s0 + s1) + (s2 + s3)) / C
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    j = 0
+    while j + 4 <= C:
+        d0 = x[j] - mean
+        d1 = x[j + 1] - mean
+        d2 = x[j + 2] - mean
+        d3 = x[j + 3] - mean
+        s0 = s0 + d0 * d0
+        s1 = s1 + d1 * d1
+        s2 = s2 + d2 * d2
+        s3 = s3 + d3 * d3
+        j = j + 4
+    while j < C:
+        d0 = x[j] - mean
+        s0 = s0 + d0 * d0
+        j = j + 1
+    var = ((s0 + s1) + (s2 + s3)) / C
+    inv = 1.0 / sqrt(var + eps)
     for j in range(C):
         out[j] = <float>((x[j] - mean) * inv) * g[j] + b[j]
 
@@ -131,20 +157,40 @@ cdef inline void gemv(const float* W, int K, int N, int lda, const float* x, flo
 
 
 cdef void gemv_par(const float* W, int K, int N, const float* x, float* y, float beta,
-                   long split_min) noexcept nogil:
-    """``gemv``, split into column blocks over the OpenMP threads (one single-threaded BLAS call
-    each) when the matrix has at least ``split_min`` weights: decode is bandwidth-bound, and two
-    cores stream more than one."""
-    cdef int nt = openmp.omp_get_max_threads(), part, j0, n, chunk
+                   long split_min, int n_threads, float* parts) noexcept nogil:
+    """``gemv``, split over the OpenMP threads (at most ``n_threads``) when the matrix has at least
+    ``split_min`` weights: decode is bandwidth-bound, and two cores stream more than one. Each
+    thread takes a contiguous block of W's rows (the input dimension; measured 4-7% faster than
+    column blocks at 124M) into its own partial sum in ``parts`` [n_threads, N], then the parts
+    are added to beta * y."""
+    cdef int nt = openmp.omp_get_max_threads(), p, k0, kk, chunk, j
+    if nt > n_threads:
+        nt = n_threads
     if nt <= 1 or <long>K * N < split_min:
         gemv(W, K, N, N, x, y, beta)
         return
-    chunk = ((N + nt - 1) // nt + 15) // 16 * 16          # 64-byte aligned column blocks
-    for part in prange(nt, num_threads=nt, schedule="static"):
-        j0 = part * chunk
-        n = N - j0 if N - j0 < chunk else chunk
-        if n > 0:
-            gemv(W + j0, K, n, N, x, y + j0, beta)
+    chunk = (K + nt - 1) // nt
+    for p in prange(nt, num_threads=nt, schedule="static"):
+        k0 = p * chunk
+        kk = K - k0 if K - k0 < chunk else chunk
+        if kk > 0:
+            gemv(W + <long>k0 * N, kk, N, N, x + k0, parts + <long>p * N, 0.0)
+        else:
+            memset(parts + <long>p * N, 0, N * sizeof(float))
+    if beta == 0.0:                             # as BLAS: y is not read (it may hold NaN)
+        for j in prange(N, num_threads=nt, schedule="static"):
+            y[j] = reduce_parts(parts, nt, N, j)
+    else:
+        for j in prange(N, num_threads=nt, schedule="static"):
+            y[j] = beta * y[j] + reduce_parts(parts, nt, N, j)
+
+
+cdef inline float reduce_parts(const float* parts, int nt, int N, int j) noexcept nogil:
+    cdef float acc = parts[j]
+    cdef int p
+    for p in range(1, nt):
+        acc = acc + parts[<long>p * N + j]
+    return acc
 
 
 # ----------------------------------------------------------------------------- array kernels
@@ -397,6 +443,7 @@ cdef class DecodePlan:
     cdef float* o_p
     cdef float* f_p
     cdef double* w_p
+    cdef float* parts_p
     cdef double* acc_p
 
     def __cinit__(self, list blocks, wte, wpe, ln_f_g, ln_f_b, lm_head_t, int n_head, double eps,
@@ -446,6 +493,10 @@ cdef class DecodePlan:
                    np.zeros(self.n_threads * max(self.n_positions, 1), np.float64),
                    np.zeros(self.n_threads * D, np.float64)]
         self.keep.extend(scratch)
+        parts = np.zeros(self.n_threads * max(V, F, 3 * C), np.float32)     # split products' partial sums
+        self.keep.append(parts)
+        cdef float[::1] m_parts = parts
+        self.parts_p = &m_parts[0]
         cdef float[::1] m_qkv = self.qkv, m_a = scratch[0], m_o = scratch[1], m_f = scratch[2]
         cdef double[::1] m_w = scratch[3], m_acc = scratch[4]
         self.qkv_p, self.a_p, self.o_p, self.f_p = &m_qkv[0], &m_a[0], &m_o[0], &m_f[0]
@@ -465,7 +516,7 @@ cdef class DecodePlan:
         cdef int nt, tid
         ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
         memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
-        gemv_par(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0, self.split_min)
+        gemv_par(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0, self.split_min, self.n_threads, self.parts_p)
         nt = openmp.omp_get_max_threads()
         if nt > self.n_threads:
             nt = self.n_threads
@@ -481,15 +532,15 @@ cdef class DecodePlan:
                        self.w_p + tid * self.n_positions, self.acc_p + tid * D, self.o_p + h * D)
         for j in range(C):
             x[j] += bw.attn_c_proj_b[j]
-        gemv_par(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0, self.split_min)       # x += o @ c_proj
+        gemv_par(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0, self.split_min, self.n_threads, self.parts_p)       # x += o @ c_proj
         ln_row(x, bw.ln_2_g, bw.ln_2_b, self.a_p, C, self.eps)
         memcpy(self.f_p, bw.c_fc_b, F * sizeof(float))
-        gemv_par(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0, self.split_min)
+        gemv_par(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0, self.split_min, self.n_threads, self.parts_p)
         for j in range(F):
             self.f_p[j] = gelu1(self.f_p[j])
         for j in range(C):
             x[j] += bw.mlp_c_proj_b[j]
-        gemv_par(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0, self.split_min)        # x += gelu(..) @ c_proj
+        gemv_par(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0, self.split_min, self.n_threads, self.parts_p)        # x += gelu(..) @ c_proj
 
     cdef float* _layer_cache(self, float[:, :, :, :, ::1] kv, int l, Py_ssize_t pos) except NULL:
         if kv.shape[0] != self.n_layer or kv.shape[1] != 2 or kv.shape[2] != self.n_head \
@@ -532,4 +583,4 @@ cdef class DecodePlan:
         if x.shape[0] != self.n_embd or logits.shape[0] != self.vocab_size:
             raise ValueError("DecodePlan.head: x must have n_embd values and logits vocab_size")
         ln_row(&x[0], self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
-        gemv_par(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0, self.split_min)
+        gemv_par(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0, self.split_min, self.n_threads, self.parts_p)

@@ -38,12 +38,16 @@ def close(got, want, what):
 
 @SETTINGS
 @given(data=st.data(), H=st.integers(1, 6), D=st.sampled_from([1, 3, 8, 16, 32]),
-       n_ctx=st.integers(1, 40), L=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
-def test_block_equals_numpy_block(data, H, D, n_ctx, L, seed):
+       n_ctx=st.integers(1, 40), L=st.integers(1, 3), seed=st.integers(0, 2**32 - 1), split=st.booleans())
+def test_block_equals_numpy_block(data, H, D, n_ctx, L, seed, split):
     """One fused block = ``qkv`` + ``write_kv`` + ``block_rest`` (NumPy backend) at any position
-    of a random cache: the residual stream, the K/V written and the q|k|v left for exit checks."""
+    of a random cache: the residual stream, the K/V written and the q|k|v left for exit checks.
+    ``split``: every product and the attention heads split over the OpenMP threads (the path of
+    models beyond 64 MB)."""
     m = random_model(n_layer=L, n_head=H, n_embd=H * D, vocab_size=11, n_positions=n_ctx, seed=seed % 1000)
     plan = m.decode_plan
+    if split:
+        plan.split_min, plan.attn_split_min = 1, 1
     rng = np.random.default_rng(seed)
     pos = data.draw(st.integers(0, n_ctx - 1))
     l = data.draw(st.integers(0, L - 1))
@@ -71,9 +75,12 @@ def test_block_equals_numpy_block(data, H, D, n_ctx, L, seed):
 
 
 @SETTINGS
-@given(H=st.integers(1, 4), D=st.sampled_from([1, 8, 32]), V=st.integers(1, 300), seed=st.integers(0, 999))
-def test_head_and_embed_equal_numpy(H, D, V, seed):
+@given(H=st.integers(1, 4), D=st.sampled_from([1, 8, 32]), V=st.integers(1, 300), seed=st.integers(0, 999),
+       split=st.booleans())
+def test_head_and_embed_equal_numpy(H, D, V, seed, split):
     m = random_model(n_layer=1, n_head=H, n_embd=H * D, vocab_size=V, n_positions=8, seed=seed)
+    if split:
+        m.decode_plan.split_min = 1
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(H * D).astype(np.float32) * 3
     logits = np.empty(V, np.float32)

@@ -8,10 +8,12 @@ fused single-token decode step (``DecodePlan``), which must not pay Python per p
 and out; reductions accumulate in double. Bounds/wraparound checks are off unless the package was
 built with MINADEPT_BOUNDSCHECK=1.
 """
+import threading
+
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.math cimport exp, expf, log, sqrt
+from libc.math cimport INFINITY, exp, expf, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
@@ -70,10 +72,11 @@ cdef union f32bits:
 
 
 cdef inline float exp_approx(float x) noexcept nogil:
-    """e^x in single precision for x clamped to [-87, 88]: Cody-Waite range reduction and Cephes'
-    ``expf`` polynomial (within 2 ulp of e^x over that range). Branch-free, so that GCC vectorises
-    the loops calling it; libm's ``expf`` is a scalar call."""
-    cdef float t, n, r, p
+    """e^x in single precision: Cody-Waite range reduction and Cephes' ``expf`` polynomial
+    (within 2 ulp of e^x on [-87, 88]; e^-87 down to -104, where single precision underflows to 0;
+    inf above 88.72; NaN stays NaN). Branch-free, so that GCC vectorises the loops calling it;
+    libm's ``expf`` is a scalar call."""
+    cdef float t, n, r, p, x0 = x
     cdef f32bits bits
     x = <float>88.0 if x > <float>88.0 else x
     x = -<float>87.0 if x < -<float>87.0 else x
@@ -90,7 +93,9 @@ cdef inline float exp_approx(float x) noexcept nogil:
     p = p * r * r + r + <float>1.0
     bits.f = t
     bits.i = (bits.i - 0x4B400000 + 127) << 23      # 2^n from the integer bits of t
-    return p * bits.f
+    p = p * bits.f
+    p = INFINITY if x0 > <float>88.72 else p          # beyond float range: inf and 0, as exp does
+    return <float>0.0 if x0 < -<float>103.98 else p
 
 
 cdef inline float gelu1(float v) noexcept nogil:
@@ -198,6 +203,8 @@ cdef inline float reduce_parts(const float* parts, int nt, int N, int j) noexcep
 def layer_norm(cmat x, const float[::1] g, const float[::1] b, double eps):
     """Twin of ``nn.layer_norm`` for x [N, C] float32 (C-contiguous rows) -> new [N, C]."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], i
+    if g.shape[0] != C or b.shape[0] != C:
+        raise ValueError(f"layer_norm: x has {C} values per row, g {g.shape[0]}, b {b.shape[0]}")
     out_arr = np.empty((N, C), dtype=np.float32)
     cdef float[:, ::1] out = out_arr
     if N == 0 or C == 0:
@@ -228,6 +235,10 @@ def attention(const float[:, :, :] q, const float[:, :, :] k, const float[:, :, 
     ``attention_numpy(..., np.float64)``); one OpenMP task per (head, query) for large jobs.
     Returns [H, T, D] float32."""
     cdef Py_ssize_t H = q.shape[0], T = q.shape[1], D = q.shape[2], S = k.shape[1]
+    if k.shape[0] != H or v.shape[0] != H or k.shape[2] != D or v.shape[2] != D or v.shape[1] != S \
+            or q_pos.shape[0] != T:
+        raise ValueError(f"attention: q {tuple(q.shape)[:3]}, k {tuple(k.shape)[:3]}, v {tuple(v.shape)[:3]} "
+                         f"and {q_pos.shape[0]} positions do not match")
     out_arr = np.zeros((H, T, D), dtype=np.float32)
     if H == 0 or T == 0 or D == 0 or S == 0:
         return out_arr
@@ -275,8 +286,8 @@ def softmax_top2(cmat logits):
     with nogil:
         for i in range(N):
             row = &logits[i, 0]
-            m1 = -3.4e38
-            m2 = -3.4e38
+            m1 = -INFINITY
+            m2 = -INFINITY
             for j in range(V):
                 x = row[j]
                 if x > m1:
@@ -294,14 +305,19 @@ def softmax_top2(cmat logits):
     return p1_arr, p2_arr
 
 
-def causal_softmax(float[:, :, ::1] scores, const long[::1] q_pos, double scale):
+def causal_softmax(scores_arr, const long[::1] q_pos, double scale):
     """Twin of the masked softmax in ``nn.attention_numpy``, in place: raw scores q.k [H, T, S]
     float32 -> for each (head, query t) the softmax of ``scale * scores`` over keys s <= q_pos[t],
     and 0 for s > q_pos[t]. Differences to the row maximum in double, exponentials vectorised in
     single precision, sums in double. Single-threaded on purpose: prefill interleaves it with
     multi-threaded BLAS products, and a second thread pool spinning between them costs more than
     it saves."""
+    cdef float[:, :, ::1] scores = scores_arr
     cdef Py_ssize_t H = scores.shape[0], T = scores.shape[1], S = scores.shape[2], h, t, s, last
+    if q_pos.shape[0] != T:
+        raise ValueError(f"causal_softmax: {q_pos.shape[0]} query positions for {T} queries")
+    if scale <= 0:
+        raise ValueError("causal_softmax: scale must be positive")
     cdef float* p
     cdef float m
     cdef double z
@@ -327,13 +343,15 @@ def causal_softmax(float[:, :, ::1] scores, const long[::1] q_pos, double scale)
                     p[s] = p[s] * inv
                 for s in range(last + 1, S):
                     p[s] = 0.0
-    return scores
+    return scores_arr
 
 
 def cosine_rows(cmat a, cmat b):
     """Twin of the ``saturation`` measure: cosine of rows a[i], b[i] ([N, C]) -> [N] float32,
     clipped to [-1, 1]; a zero row gives 0."""
     cdef Py_ssize_t N = a.shape[0], C = a.shape[1], i, j
+    if b.shape[0] != N or b.shape[1] != C:
+        raise ValueError("cosine_rows: a and b must have the same shape")
     out_arr = np.empty(N, dtype=np.float32)
     cdef float[::1] out = out_arr
     cdef double ab, aa, bb, c
@@ -346,7 +364,7 @@ def cosine_rows(cmat a, cmat b):
                 ab += <double>a[i, j] * b[i, j]
                 aa += <double>a[i, j] * a[i, j]
                 bb += <double>b[i, j] * b[i, j]
-            c = ab / (sqrt(aa) * sqrt(bb)) if aa > 0 and bb > 0 else 0.0
+            c = 0.0 if aa == 0 or bb == 0 else ab / (sqrt(aa) * sqrt(bb))   # NaN stays NaN
             out[i] = <float>(1.0 if c > 1.0 else (-1.0 if c < -1.0 else c))
     return out_arr
 
@@ -420,7 +438,9 @@ cdef class DecodePlan:
     + ``model.block_rest`` for T = 1, and of ``final_norm`` + ``lm_head``; see
     ``minadept/fused.py``). Holds pointers to the model's float32 weights and per-step scratch;
     every matrix-vector product is one BLAS ``sgemv``, everything else is C, so a block costs one
-    Python call. Not re-entrant: one step at a time per plan (calls hold the GIL).
+    Python call. The plan's scratch (and ``q``/``k``/``v``) is shared by all its calls, and the
+    threaded loops release the GIL: threads sharing a plan must hold ``lock`` for a whole step
+    (``Engine`` does).
 
     blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
     split_min: products with at least this many weights are split over the OpenMP threads;
@@ -438,6 +458,7 @@ cdef class DecodePlan:
     cdef const float* lm_head_t
     cdef list keep
     cdef readonly object qkv, q, k, v      # [3C] buffer of the last block run; q/k/v [H, 1, D] views
+    cdef readonly object lock              # hold it for a whole step when threads share the plan
     cdef float* qkv_p
     cdef float* a_p
     cdef float* o_p
@@ -458,6 +479,7 @@ cdef class DecodePlan:
         self.split_min, self.attn_split_min = split_min, attn_split_min
         self.n_threads = max(1, openmp.omp_get_num_procs(), openmp.omp_get_max_threads())
         self.keep = []
+        self.lock = threading.Lock()
         F = 4 * C
         self.wte = _ptr(self.keep, wte, (V, C), "wte")
         self.wpe = _ptr(self.keep, wpe, (self.n_positions, C), "wpe")

@@ -216,9 +216,12 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config) -> P
         fields = {field: _take(tensors, f"h.{i}.{suffix}", shape(C))
                   for suffix, (field, shape) in _BLOCK_TENSORS.items()}
         blocks.append(Block(**fields))
-    extra = sorted(k for k in tensors if k.startswith("h.") and int(k.split(".")[1]) >= config.n_layer)
+    def outside(key):                                   # h.<i>.* with i not a block index
+        i = key.split(".")[1] if key.count(".") >= 1 else ""
+        return not i.isdigit() or int(i) >= config.n_layer
+    extra = sorted(k for k in tensors if k.startswith("h.") and outside(k))
     if extra:
-        raise MinadeptError(f"weights: tensor {extra[0]} is beyond n_layer={config.n_layer}")
+        raise MinadeptError(f"weights: tensor {extra[0]} is not in a block h.0 .. h.{config.n_layer - 1} (n_layer={config.n_layer})")
     if "lm_head.weight" in tensors and not config.tie_word_embeddings:
         lm_head = _take(tensors, "lm_head.weight", (V, C))
     elif "lm_head.weight" in tensors:

@@ -25,6 +25,16 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _add_model(p):
     p.add_argument("--model", default=None,
                    help="model directory or Hugging Face id (default: the embedded minigpt2-stories)")
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample from the K most likely (default 40)")
     g.add_argument("--top-p", type=_float, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    g.add_argument("--seed", type=_seed, default=None, help="sampling seed >= 0 (default: random)")
     g.add_argument("--json", action="store_true", help="last stderr line is a JSON summary")
     g.add_argument("--show-exits", action="store_true", help="mark each token with its exit layer")
     _add_policy(g)
@@ -83,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cost-weight", type=_float, default=1.0,
                    help="W = beta/lambda: nats of quality traded per unit of depth fraction (default 1)")
     c.add_argument("--max-tokens", type=int, default=98304, help="calibration tokens (default 98304)")
-    c.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    c.add_argument("--seed", type=_seed, default=0, help="window sampling seed (default 0)")
     c.add_argument("--target-ppl-increase", type=_float, default=0.05,
                    help="default threshold: cheapest with held-out ppl within this of full depth (0.05)")
     c.add_argument("--kv-rank", type=int, default=24, help="rank of each K/V mapper (default 24)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,13 @@ class GPT2Config:
                 raise MinadeptError(f"config.json: {flag}=true is not supported")
         if d.get("scale_attn_weights") is False:
             raise MinadeptError("config.json: scale_attn_weights=false is not supported")
+        eps = d.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise MinadeptError(f"config.json: layer_norm_epsilon must be a positive number, got {eps!r}")
         return cls(
             n_layer=d["n_layer"], n_head=d["n_head"], n_embd=d["n_embd"],
             vocab_size=d["vocab_size"], n_positions=d["n_positions"],
-            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            layer_norm_epsilon=float(eps),
             activation_function=d.get("activation_function", "gelu_new"),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
         )

@@ -177,7 +177,7 @@ class Engine:
         if T == 1 and not record_hidden and self.kv != "oracle" and backend.kernels() is not None:
             plan = self.model.decode_plan
             if plan is not None:
-                with backend.single_threaded_blas():
+                with plan.lock, backend.single_threaded_blas():   # one step at a time per model
                     return self._forward_one(int(ids[0]), cache, step, plan)
         pos = np.arange(p0, end)
         h = M.embed(params, ids, pos)                                       # [T, C]
@@ -273,8 +273,8 @@ class Engine:
         first = self.policy.min_exit_layer if checking else L
         exit_layer, check_logits, prop_f = L, None, 0
         if self.fill != "lazy":                      # no checks before block `first`: one call
-            plan.blocks_range(0, min(first, L) - 1, x, cache.kv, p)
-            start = min(first, L) - 1
+            start = max(0, min(first, L) - 1)
+            plan.blocks_range(0, start, x, cache.kv, p)
         else:
             start = 0
         for l in range(start, L):

@@ -216,6 +216,10 @@ def test_prompt_from_stdin(tiny, tiny_model):
     assert p.stdout == text + "\n"
 
 
+def test_negative_seed_is_a_one_line_error(tiny):
+    assert_one_line_error(gen(tiny.path, "--seed", "-1"), "--seed")
+
+
 def test_seeded_sampling_is_reproducible(tiny):
     args = ("--max-new-tokens", "8", "--temperature", "1.0", "--top-k", "50", "--seed", "7")
     a, b = gen(tiny.path, *args), gen(tiny.path, *args)

@@ -137,6 +137,41 @@ def test_adept_logit(data, n, c):
 
 
 @needs_fast
+def test_kernels_reject_mismatched_shapes():
+    """Shapes the NumPy twins would reject or broadcast are errors, never reads out of bounds."""
+    f = np.float32
+    with pytest.raises(ValueError, match="attention"):
+        K.attention(np.ones((2, 1, 4), f), np.ones((2, 3000, 4), f), np.ones((2, 1, 4), f), np.array([2999]))
+    with pytest.raises(ValueError, match="attention"):
+        K.attention(np.ones((8, 1, 4), f), np.ones((1, 3, 4), f), np.ones((1, 3, 4), f), np.array([2]))
+    with pytest.raises(ValueError, match="attention"):
+        K.attention(np.ones((2, 2, 4), f), np.ones((2, 3, 4), f), np.ones((2, 3, 4), f), np.array([2]))
+    with pytest.raises(ValueError, match="layer_norm"):
+        K.layer_norm(np.ones((4, 100), f), np.ones(1, f), np.zeros(1, f), 1e-5)
+    with pytest.raises(ValueError, match="causal_softmax"):
+        K.causal_softmax(np.ones((1, 10, 10), f), np.array([9]), 1.0)
+    with pytest.raises(ValueError, match="cosine_rows"):
+        K.cosine_rows(np.ones((200, 64), f), np.ones((1, 1), f))
+
+
+@needs_fast
+def test_kernels_at_the_float_limits():
+    """Beyond |x| ~ 1e32 (GELU's cube overflows), at +-inf, NaN and all-equal rows: the kernels
+    give what their twins give in double."""
+    x = np.array([[-3e38, 3e38, -np.inf, np.inf, np.nan, -1e20, 1e20, -88.0, -104.0]], np.float32)
+    with np.errstate(all="ignore"):
+        want = nn.gelu_tanh_numpy(x.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(K.gelu_tanh(x), want)
+    lowest = np.full((1, 5), np.finfo(np.float32).min, np.float32)
+    p1, m = K.softmax_top2(lowest)
+    assert p1[0] == np.float32(0.2) and m[0] == 0
+    p1, _ = K.softmax_top2(np.full((1, 5), -np.inf, np.float32))
+    assert np.isnan(p1[0])                                # as the twin: exp(-inf - -inf) is NaN
+    a = np.array([[np.nan, 1.0]], np.float32)
+    assert np.isnan(K.cosine_rows(a, a)[0])
+
+
+@needs_fast
 def test_backend_switch(monkeypatch):
     monkeypatch.setenv("MINADEPT_BACKEND", "numpy")
     assert backend.select()[0] == "numpy"

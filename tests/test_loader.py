@@ -68,6 +68,10 @@ def test_config_from_transformers_config_json(tiny):
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
     ({"scale_attn_weights": False}, "scale_attn_weights"),
+    ({"layer_norm_epsilon": "abc"}, "layer_norm_epsilon"),
+    ({"layer_norm_epsilon": -1.0}, "layer_norm_epsilon"),
+    ({"layer_norm_epsilon": float("nan")}, "layer_norm_epsilon"),
+    ({"layer_norm_epsilon": [1e-5]}, "layer_norm_epsilon"),
 ])
 def test_bad_configs_are_errors(change, needle):
     d = dict(BASE)
@@ -218,6 +222,9 @@ def test_layers_beyond_n_layer_are_an_error(tiny):
                        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions)
     with pytest.raises(MinadeptError, match=f"h.{cfg.n_layer - 1}.*n_layer={cfg.n_layer - 1}"):
         params_from_tensors(_tensors(tiny), fewer)
+    odd = dict(_tensors(tiny), **{"h.extra_thing": np.zeros(3, np.float32)})   # not h.<int>.*
+    with pytest.raises(MinadeptError, match="h.extra_thing"):
+        params_from_tensors(odd, cfg)
 
 
 def test_lm_head_explicit_equal_is_tied_and_different_is_used(tiny):

@@ -6,6 +6,8 @@ compared at the float32 level, not bit for bit: rtol 1e-5 plus an absolute 1e-5 
 largest value of the array (a float32 sum's rounding scales with its terms, not its result)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -24,12 +26,15 @@ K = backend._load_fast()
 pytestmark = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
 
 
-@pytest.fixture
-def numpy_backend():
+@contextmanager
+def on_backend(name):
+    """Run the body on backend ``name``, then restore the previous selection."""
     saved = backend._state
-    backend.use("numpy")
-    yield
-    backend._state = saved
+    backend.use(name)
+    try:
+        yield
+    finally:
+        backend._state = saved
 
 
 def close(got, want, what):
@@ -55,17 +60,13 @@ def test_block_equals_numpy_block(data, H, D, n_ctx, L, seed, split):
     l = data.draw(st.integers(0, L - 1))
     kv = rng.standard_normal((L, 2, H, n_ctx, D)).astype(np.float32)
     x = rng.standard_normal(H * D).astype(np.float32)
-    saved = backend._state
-    backend.use("numpy")
-    try:
+    with on_backend("numpy"):
         want_kv = kv.copy()
         blk = m.params.h[l]
         q, k, v = M.qkv(blk, x[None], m.config)
         M.write_kv(want_kv[l], np.array([pos]), k, v)
         want = M.block_rest(blk, x[None], q, want_kv[l, 0, :, :pos + 1], want_kv[l, 1, :, :pos + 1],
                             np.array([pos]), m.config)[0]
-    finally:
-        backend._state = saved
     got, prev = x.copy(), np.empty_like(x)
     plan.block(l, got, prev, kv, pos)
     assert np.array_equal(prev, x)
@@ -87,12 +88,8 @@ def test_head_and_embed_equal_numpy(H, D, V, seed, split):
     x = rng.standard_normal(H * D).astype(np.float32) * 3
     logits = np.empty(V, np.float32)
     m.decode_plan.head(x, logits)
-    saved = backend._state
-    backend.use("numpy")
-    try:
+    with on_backend("numpy"):
         want = M.lm_head(m, M.final_norm(m.params, x[None], m.config))[0]
-    finally:
-        backend._state = saved
     close(logits, want, "head")
     tok, pos = int(rng.integers(V)), int(rng.integers(8))
     e = np.empty(H * D, np.float32)
@@ -114,12 +111,8 @@ def test_engine_single_token_path_equals_layer_loop(name, fill):
     to float32 level."""
     out = {}
     for b in ("numpy", "fast"):
-        saved = backend._state
-        backend.use(b)
-        try:
+        with on_backend(b):
             out[b] = run(Engine(MODEL, POLICIES[name](), fill=fill), PROMPT, n_new=10)
-        finally:
-            backend._state = saved
     (ta, la, ca, ra), (tb, lb, cb, rb) = out["numpy"], out["fast"]
     assert ta == tb
     for a, b in zip(ra, rb):
@@ -140,14 +133,10 @@ def test_fused_path_is_taken_and_blas_threads_restored(monkeypatch):
     eng = Engine(MODEL)
     real = eng._forward_one
     monkeypatch.setattr(eng, "_forward_one", lambda *a: calls.append(1) or real(*a))
-    saved = backend._state
-    backend.use("fast")
-    try:
+    with on_backend("fast"):
         before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
         run(eng, PROMPT, n_new=3)
         after = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-    finally:
-        backend._state = saved
     assert len(calls) == 3 and before == after
 
 
@@ -167,9 +156,7 @@ def test_threads_sharing_a_model_get_their_own_results():
     import threading
     m = random_model(n_layer=4, n_head=4, n_embd=64, vocab_size=97, n_positions=64, seed=3)
     prompts = [PROMPT[:5], PROMPT[5:12]]
-    saved = backend._state
-    backend.use("fast")
-    try:
+    with on_backend("fast"):
         alone = [run(Engine(m, RandomExit(0.3, 2)), p, n_new=40)[0] for p in prompts]
         for _ in range(3):
             out = [None, None]
@@ -180,8 +167,6 @@ def test_threads_sharing_a_model_get_their_own_results():
             for t in threads:
                 t.join()
             assert out == alone
-    finally:
-        backend._state = saved
 
 
 def test_min_exit_layer_zero_runs_like_one():
@@ -189,11 +174,7 @@ def test_min_exit_layer_zero_runs_like_one():
     on both backends."""
     out = {}
     for b in ("numpy", "fast"):
-        saved = backend._state
-        backend.use(b)
-        try:
+        with on_backend(b):
             out[b] = run(Engine(MODEL, Saturation(Constant(0.6), min_exit_layer=0)), PROMPT, n_new=8)
-        finally:
-            backend._state = saved
     assert out["numpy"][0] == out["fast"][0]
     assert [r.exit_layers.tolist() for r in out["numpy"][3]] == [r.exit_layers.tolist() for r in out["fast"][3]]

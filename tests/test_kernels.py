@@ -7,6 +7,7 @@ precision and rounded to float32: at |x| ~ 1e4 two float32 summation orders diff
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -180,6 +181,17 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("MINADEPT_BACKEND", "turbo")
     with pytest.raises(MinadeptError, match="MINADEPT_BACKEND"):
         backend.select()
+
+
+def test_extension_is_built_where_a_compiler_exists():
+    """The build treats the extension as optional (a machine without a C compiler still installs);
+    this keeps a failed build from passing unnoticed: with a compiler, it must have been built.
+    Set MINADEPT_NO_EXT=1 for the tests too when installing without it on purpose."""
+    if os.environ.get("MINADEPT_NO_EXT"):
+        pytest.skip("MINADEPT_NO_EXT is set: built without the extension on purpose")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here")
+    assert backend._load_fast() is not None, "a C compiler is present but minadept._fast_kernels is not built"
 
 
 def test_fast_without_extension_is_an_error(monkeypatch):

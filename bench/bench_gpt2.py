@@ -2,8 +2,9 @@
 """Benchmark: minadept vs Hugging Face transformers on a GPT-2 124M-shaped model, CPU, batch 1, fp32.
 
 Builds random GPT-2 124M-shaped weights (fixed seed) with transformers, saves them with
-``save_pretrained`` into a temporary directory, loads that directory in minadept, and runs both
-implementations in this same process on the same random prompt:
+``save_pretrained`` into a temporary directory, loads that directory in minadept, and runs
+transformers and minadept -- on both backends side by side when the Cython extension is built
+(``MINADEPT_BACKEND=numpy|fast`` runs one) -- in this same process on the same random prompt:
 
 * prefill: one pass over the P prompt tokens that fills the KV cache and yields the logits of the
   LAST prompt position only (minadept: ``Engine.forward``, which returns only the last row;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -147,7 +149,9 @@ def main(argv=None) -> int:
         m = Model.load(d, tokenizer=False)
     engine = Engine(m)
     from minadept import backend
-    mbackend = backend.active()                    # "numpy" or "fast" ($MINADEPT_BACKEND)
+    # both backends side by side when the extension is built, unless MINADEPT_BACKEND picks one
+    picked = os.environ.get("MINADEPT_BACKEND", "auto").lower()
+    backends = ["numpy", "fast"] if picked == "auto" and backend._load_fast() is not None else [backend.active()]
     kv_name = cache_kwarg(hf)
     attn_impl = getattr(hf.config, "_attn_implementation", None)
     prompt = np.random.default_rng(args.seed).integers(0, m.config.vocab_size, size=P, dtype=np.int64)
@@ -155,13 +159,17 @@ def main(argv=None) -> int:
 
     print(f"GPT-2 124M-shaped random weights (seed {args.seed}), batch 1, fp32, "
           f"{P} prompt + {N} new tokens, {args.threads} thread(s), {R} repeat(s) after 1 warm-up")
-    print(f"minadept backend: {mbackend} (set MINADEPT_BACKEND=numpy|fast to choose)")
+    print(f"minadept backends: {', '.join(backends)} (MINADEPT_BACKEND=numpy|fast runs one)")
     print(f"numpy {np.__version__} [{'; '.join(blas) or 'no BLAS info'}], torch {torch.__version__} "
           f"({torch.get_num_threads()} thr), transformers {transformers.__version__}, "
           f"transformers attn_implementation={attn_impl}, KV cache passed as `{kv_name}`")
 
-    sides = {"minadept": lambda: run_minadept(engine, prompt, N),
-             "transformers": lambda: run_transformers(hf, prompt_t, N, kv_name)}
+    def on(b):
+        backend.use(b)
+        return run_minadept(engine, prompt, N)
+
+    sides = {f"minadept {b}": (lambda b=b: on(b)) for b in backends}
+    sides["transformers"] = lambda: run_transformers(hf, prompt_t, N, kv_name)
     results = {name: fn() for name, fn in sides.items()}          # warm-up (also gives the tokens)
     times = {name: {"prefill": [], "decode": []} for name in sides}
     for _ in range(R):
@@ -173,13 +181,6 @@ def main(argv=None) -> int:
             if toks != results[name][0]:
                 print(f"warning: {name} tokens changed between runs", file=sys.stderr)
 
-    tm, th = results["minadept"][0], results["transformers"][0]
-    same = tm == th
-    first_diff = next((i for i, (a, b) in enumerate(zip(tm, th)) if a != b), None)
-    l_m, l_h = results["minadept"][3], results["transformers"][3]
-    max_abs = float(np.max(np.abs(l_m - l_h)))
-    top2 = np.sort(l_h)[-2:]
-
     rate = {}
     for name in sides:
         bp, bd = min(times[name]["prefill"]), min(times[name]["decode"])
@@ -187,38 +188,50 @@ def main(argv=None) -> int:
         rate[name] = {"prefill_tok_s": P / bp, "decode_tok_s": (N - 1) / bd,
                       "prefill_tok_s_median": P / mp, "decode_tok_s_median": (N - 1) / md,
                       "prefill_s": times[name]["prefill"], "decode_s": times[name]["decode"]}
-    ratio_p = rate["minadept"]["prefill_tok_s"] / rate["transformers"]["prefill_tok_s"]
-    ratio_d = rate["minadept"]["decode_tok_s"] / rate["transformers"]["decode_tok_s"]
-    ratio_pm = rate["minadept"]["prefill_tok_s_median"] / rate["transformers"]["prefill_tok_s_median"]
-    ratio_dm = rate["minadept"]["decode_tok_s_median"] / rate["transformers"]["decode_tok_s_median"]
-
+    th, l_h = results["transformers"][0], results["transformers"][3]
+    top2 = np.sort(l_h)[-2:]
+    per = {}
     print()
-    print(f"greedy tokens identical: {same}" + ("" if same else f" (first difference at new token {first_diff})"))
-    print(f"prefill last-position logits: max |minadept - transformers| = {max_abs:.3e} "
-          f"(transformers top-1 margin {top2[1] - top2[0]:.3e})")
+    for b in backends:
+        name, r, t = f"minadept {b}", rate[f"minadept {b}"], rate["transformers"]
+        tm = results[name][0]
+        first_diff = next((i for i, (x, y) in enumerate(zip(tm, th)) if x != y), None)
+        target_d, target_p = TARGETS[b]
+        per[b] = {"tokens_identical": tm == th, "first_difference": first_diff,
+                  "prefill_logits_max_abs_diff": float(np.max(np.abs(results[name][3] - l_h))),
+                  "ratio_prefill": r["prefill_tok_s"] / t["prefill_tok_s"],
+                  "ratio_decode": r["decode_tok_s"] / t["decode_tok_s"],
+                  "ratio_prefill_median": r["prefill_tok_s_median"] / t["prefill_tok_s_median"],
+                  "ratio_decode_median": r["decode_tok_s_median"] / t["decode_tok_s_median"],
+                  "target_decode": target_d, "target_prefill": target_p}
+        per[b]["target_decode_met"] = per[b]["ratio_decode"] >= target_d
+        per[b]["target_prefill_met"] = per[b]["ratio_prefill"] >= target_p
+        print(f"{name}: greedy tokens identical to transformers: {tm == th}"
+              + ("" if tm == th else f" (first difference at new token {first_diff})")
+              + f"; prefill last-position logits max |diff| {per[b]['prefill_logits_max_abs_diff']:.3e}"
+              f" (transformers top-1 margin {top2[1] - top2[0]:.3e})")
     print()
     print(f"best of {R} (median in brackets); prefill = {P} tokens, decode = {N - 1} single-token steps")
-    print(f"{'side':<14}{'prefill tok/s':>24}{'decode tok/s':>24}")
+    print(f"{'side':<18}{'prefill tok/s':>24}{'decode tok/s':>24}")
     for name in sides:
         r = rate[name]
-        print(f"{name:<14}{r['prefill_tok_s']:>12.1f} [{r['prefill_tok_s_median']:>8.1f}]"
+        print(f"{name:<18}{r['prefill_tok_s']:>12.1f} [{r['prefill_tok_s_median']:>8.1f}]"
               f"{r['decode_tok_s']:>14.2f} [{r['decode_tok_s_median']:>7.2f}]")
-    print(f"{'ratio m/t':<14}{ratio_p:>12.3f} [{ratio_pm:>8.3f}]{ratio_d:>14.3f} [{ratio_dm:>7.3f}]")
-    TARGET_DECODE, TARGET_PREFILL = TARGETS[mbackend]
-    print(f"targets ({mbackend} backend): decode >= {TARGET_DECODE}x -> {'met' if ratio_d >= TARGET_DECODE else 'MISSED'}; "
-          f"prefill >= {TARGET_PREFILL}x -> {'met' if ratio_p >= TARGET_PREFILL else 'MISSED'} (best-of-{R})")
+    for b, q in per.items():
+        print(f"{'ratio ' + b + '/t':<18}{q['ratio_prefill']:>12.3f} [{q['ratio_prefill_median']:>8.3f}]"
+              f"{q['ratio_decode']:>14.3f} [{q['ratio_decode_median']:>7.3f}]")
+    for b, q in per.items():
+        print(f"targets ({b} backend): decode >= {q['target_decode']}x -> "
+              f"{'met' if q['target_decode_met'] else 'MISSED'}; prefill >= {q['target_prefill']}x -> "
+              f"{'met' if q['target_prefill_met'] else 'MISSED'} (best-of-{R})")
 
     if args.json:
         print(json.dumps({
             "threads": args.threads, "prompt_tokens": P, "new_tokens": N, "repeats": R, "seed": args.seed,
-            "statistic": "best", "attn_implementation": attn_impl, "minadept_backend": mbackend,
+            "statistic": "best", "attn_implementation": attn_impl, "minadept_backends": backends,
             "versions": {"numpy": np.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}, "blas": blas,
-            "tokens_identical": same, "first_difference": first_diff, "prefill_logits_max_abs_diff": max_abs,
-            "minadept": rate["minadept"], "transformers": rate["transformers"],
-            "ratio_prefill": ratio_p, "ratio_decode": ratio_d,
-            "ratio_prefill_median": ratio_pm, "ratio_decode_median": ratio_dm,
-            "target_decode_met": ratio_d >= TARGET_DECODE, "target_prefill_met": ratio_p >= TARGET_PREFILL,
+            "rates": rate, "per_backend": per,
         }))
     del limiter
     return 0

@@ -538,7 +538,7 @@ cdef class DecodePlan:
         cdef int nt, tid
         ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
         memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
-        gemv_par(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0, self.split_min, self.n_threads, self.parts_p)
+        self._gemv(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0)
         nt = openmp.omp_get_max_threads()
         if nt > self.n_threads:
             nt = self.n_threads
@@ -554,15 +554,20 @@ cdef class DecodePlan:
                        self.w_p + tid * self.n_positions, self.acc_p + tid * D, self.o_p + h * D)
         for j in range(C):
             x[j] += bw.attn_c_proj_b[j]
-        gemv_par(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0, self.split_min, self.n_threads, self.parts_p)       # x += o @ c_proj
+        self._gemv(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0)       # x += o @ c_proj
         ln_row(x, bw.ln_2_g, bw.ln_2_b, self.a_p, C, self.eps)
         memcpy(self.f_p, bw.c_fc_b, F * sizeof(float))
-        gemv_par(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0, self.split_min, self.n_threads, self.parts_p)
+        self._gemv(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0)
         for j in range(F):
             self.f_p[j] = gelu1(self.f_p[j])
         for j in range(C):
             x[j] += bw.mlp_c_proj_b[j]
-        gemv_par(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0, self.split_min, self.n_threads, self.parts_p)        # x += gelu(..) @ c_proj
+        self._gemv(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0)        # x += gelu(..) @ c_proj
+
+    cdef inline void _gemv(self, const float* W, int K, int N, const float* x, float* y,
+                           float beta) noexcept nogil:
+        """y = x @ W + beta * y with this plan's split threshold, threads and partial sums."""
+        gemv_par(W, K, N, x, y, beta, self.split_min, self.n_threads, self.parts_p)
 
     cdef float* _layer_cache(self, float[:, :, :, :, ::1] kv, int l, Py_ssize_t pos) except NULL:
         if kv.shape[0] != self.n_layer or kv.shape[1] != 2 or kv.shape[2] != self.n_head \
@@ -605,4 +610,4 @@ cdef class DecodePlan:
         if x.shape[0] != self.n_embd or logits.shape[0] != self.vocab_size:
             raise ValueError("DecodePlan.head: x must have n_embd values and logits vocab_size")
         ln_row(&x[0], self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
-        gemv_par(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0, self.split_min, self.n_threads, self.parts_p)
+        self._gemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0)

@@ -139,6 +139,25 @@ class Engine:
         """Fill every pending entry (before dumping or comparing caches). Returns FLOPs spent."""
         return sum(self.fill_pending(cache, l, cache.length) for l in range(self.config.n_layer))
 
+    # -- accounting shared by the layer loop and the fused single-token path -------------------
+    def _checking(self, step: int) -> bool:
+        """Whether exit checks run at generated-token index ``step``."""
+        return not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
+
+    def _check_flops(self, exit_layers: np.ndarray, checking: bool) -> np.ndarray:
+        """Exit-check FLOPs [T] int64: a token is checked after every block from min_exit_layer up
+        to its exit (at most L-1)."""
+        if not checking:
+            return np.zeros(len(exit_layers), dtype=np.int64)
+        L = self.config.n_layer
+        n_checks = np.clip(np.minimum(exit_layers, L - 1) - self.policy.min_exit_layer + 1, 0, None)
+        return n_checks * self.policy.check_flops(self.config)
+
+    def _head_cost(self, exit_layers: np.ndarray) -> np.ndarray:
+        """LM-head FLOPs of predicting tokens that exit at ``exit_layers`` (plus the exit map
+        below the last layer)."""
+        return head_flops(self.config) + np.where(exit_layers < self.config.n_layer, self.exit_map_flops, 0)
+
     def _predictions(self, rows, check_logits, exit_layers, h_exit):
         """Logits [len(rows), V] of the predicted rows, reusing logits an exit check already
         computed; returns them with the per-token LM-head FLOPs [T] of the rows computed here."""
@@ -151,8 +170,7 @@ class Engine:
         for k in np.unique(exit_layers[rows[todo]]):          # one LM-head product per exit layer
             sel = todo[exit_layers[rows[todo]] == k]
             logits[sel] = self.predict(h_exit[rows[sel]], int(k))
-        head_f[rows[todo]] = head_flops(self.config)
-        head_f[rows[todo]] += np.where(exit_layers[rows[todo]] < self.config.n_layer, self.exit_map_flops, 0)
+        head_f[rows[todo]] = self._head_cost(exit_layers[rows[todo]])
         return logits, head_f
 
     # -- the forward pass --------------------------------------------------------------------
@@ -187,7 +205,7 @@ class Engine:
         prop_f = 0
         active = everyone = np.arange(T)
         check_logits: dict[int, np.ndarray] = {}
-        oracle, checking = self.kv == "oracle", not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
+        oracle, checking = self.kv == "oracle", self._checking(step)
         # Generation predicts the last token only: at block L the others need their K/V (for later
         # tokens) but not the attention output and MLP, which would feed nothing. Skipped there;
         # the FLOP accounting still counts whole blocks (the model's nominal cost).
@@ -249,9 +267,7 @@ class Engine:
 
         h_exit[active] = h[active]
         cache.length = end
-        # a token is checked after every block from min_exit_layer up to its exit (at most L-1)
-        n_checks = np.clip(np.minimum(exit_layers, L - 1) - self.policy.min_exit_layer + 1, 0, None)
-        checks_f = n_checks * self.policy.check_flops(cfg) if checking else np.zeros(T, dtype=np.int64)
+        checks_f = self._check_flops(exit_layers, checking)
         rows = np.arange(T) if all_logits else np.array([T - 1])
         logits, head_f = self._predictions(rows, check_logits, exit_layers, h_exit)
         return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,
@@ -269,14 +285,12 @@ class Engine:
         h, h_prev = x.reshape(1, -1), x_prev.reshape(1, -1)                 # [1, C] views
         plan.embed(token, p, x)
         position = np.array([p])
-        checking = not (isinstance(self.policy, NoExit) or self.policy.never_exits(step))
+        checking = self._checking(step)
         first = self.policy.min_exit_layer if checking else L
         exit_layer, check_logits, prop_f = L, None, 0
-        if self.fill != "lazy":                      # no checks before block `first`: one call
-            start = max(0, min(first, L) - 1)
-            plan.blocks_range(0, start, x, cache.kv, p)
-        else:
-            start = 0
+        # no checks before block `first`: those blocks in one call (lazy fill must run before each)
+        start = 0 if self.fill == "lazy" else max(0, min(first, L) - 1)
+        plan.blocks_range(0, start, x, cache.kv, p)
         for l in range(start, L):
             if self.fill == "lazy":
                 prop_f += self.fill_pending(cache, l, p + 1)
@@ -294,17 +308,15 @@ class Engine:
                 prop_f += self._propagate(cache, h.copy(), position, layer)
                 break
         cache.length = p + 1
-        n_checks = max(0, min(exit_layer, L - 1) - self.policy.min_exit_layer + 1) if checking else 0
+        exit_layers = np.array([exit_layer])
         if check_logits is None:
-            logits = self._predict_one(plan, h, exit_layer)
-            head_f = head_flops(cfg) + (self.exit_map_flops if exit_layer < L else 0)
+            logits, head_f = self._predict_one(plan, h, exit_layer), self._head_cost(exit_layers)
         else:
-            logits, head_f = check_logits[None], 0
-        return ForwardResult(logits=logits, exit_layers=np.array([exit_layer]),
+            logits, head_f = check_logits[None], np.zeros(1, dtype=np.int64)
+        return ForwardResult(logits=logits, exit_layers=exit_layers,
                              block_flops=np.array([exit_layer * block_flops(cfg, p + 1)], dtype=np.int64),
-                             check_flops=np.array([n_checks * self.policy.check_flops(cfg)], dtype=np.int64),
-                             head_flops=np.array([head_f], dtype=np.int64), propagation_flops=prop_f,
-                             full_flops=full_forward_flops(cfg, 1, 1, start=p))
+                             check_flops=self._check_flops(exit_layers, checking), head_flops=head_f,
+                             propagation_flops=prop_f, full_flops=full_forward_flops(cfg, 1, 1, start=p))
 
     def _predict_one(self, plan, h: np.ndarray, layer: int) -> np.ndarray:
         """``predict`` for one state h [1, C] through the fused LM head -> [1, V]."""

@@ -189,15 +189,25 @@ def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _as_float32(name: str, t: np.ndarray) -> np.ndarray:
+    """A tensor as float32, C-contiguous. NumPy floats convert by value; bfloat16 from an extension
+    type (safetensors returns ``ml_dtypes.bfloat16`` arrays, kind 'V', whenever ml_dtypes is
+    imported, e.g. by jax or TensorFlow) converts exactly from its bits. Raises MinadeptError for
+    any other dtype."""
+    if t.dtype.kind == "f":
+        return np.ascontiguousarray(t, dtype=np.float32)
+    if t.dtype.name == "bfloat16" and t.dtype.itemsize == 2:
+        return np.ascontiguousarray(_bf16_to_f32(np.ascontiguousarray(t).view(np.uint16)))
+    raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected float32, float16 or bfloat16")
+
+
 def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
     if name not in tensors:
         raise MinadeptError(f"weights: missing tensor {name} (expected shape {list(shape)})")
     t = tensors[name]
     if tuple(t.shape) != tuple(shape):
         raise MinadeptError(f"weights: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
-    if t.dtype.kind != "f":
-        raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected a float type")
-    t = np.ascontiguousarray(t, dtype=np.float32)
+    t = _as_float32(name, t)
     if not np.isfinite(t).all():
         raise MinadeptError(f"weights: tensor {name} has NaN or infinite values")
     return t

@@ -47,6 +47,15 @@ class ForwardResult:
                    + self.propagation_flops)
 
 
+def _freeze_exited(hidden: np.ndarray, exit_layers: np.ndarray) -> None:
+    """Recorded states [n_layer+1, T, C], in place: a token that exited at layer k holds h_k in
+    every later entry (the dump format's promise), whatever ran after its exit (the ``oracle`` KV
+    mode runs the skipped blocks; a pass whose tokens all exited early stops recording)."""
+    for k in np.unique(exit_layers):
+        cols = np.flatnonzero(exit_layers == k)
+        hidden[k + 1:, cols] = hidden[k, cols][None]
+
+
 class Engine:
     """Runs a ``Model`` under an exit ``policy`` with a KV mode for skipped layers.
 
@@ -266,6 +275,8 @@ class Engine:
             active = active[~mask]
 
         h_exit[active] = h[active]
+        if record_hidden:
+            _freeze_exited(hidden, exit_layers)
         cache.length = end
         checks_f = self._check_flops(exit_layers, checking)
         rows = np.arange(T) if all_logits else np.array([T - 1])

@@ -30,11 +30,19 @@ class SamplingSettings:
 def allowed_probs(logits: np.ndarray, s: SamplingSettings) -> np.ndarray:
     """The sampling distribution [V] float64 after temperature, top-k and top-p; tokens outside
     the allowed set have probability exactly 0. (HF order: temperature, then top-k, then top-p.)"""
-    z = logits.astype(np.float64) / s.temperature
+    z = logits.astype(np.float64)
+    if not np.isfinite(z.max()):
+        raise MinadeptError("logits have no finite maximum (NaN or +inf); cannot sample")
+    # Shift before dividing: z - max <= 0 stays finite or -inf at any temperature, so a temperature
+    # far below 1 (even a subnormal one) concentrates the mass on the top logit(s) instead of
+    # overflowing to inf - inf = NaN.
+    with np.errstate(over="ignore", under="ignore"):
+        z = (z - z.max()) / s.temperature
     if s.top_k is not None and s.top_k < z.size:
         kth = np.partition(z, -s.top_k)[-s.top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
+    with np.errstate(under="ignore"):
+        p = np.exp(z - z.max())
     p /= p.sum()
     if s.top_p < 1.0:
         order = np.argsort(-p, kind="stable")

@@ -52,12 +52,17 @@ class Constant:
 @dataclass(frozen=True)
 class Decay:
     """CALM's decaying threshold (Schuster et al. 2022, eq. 5):
-    ``clip(0.9 tau + 0.1 exp(-temperature * step / horizon), 0, 1)`` over generated position."""
+    ``clip(0.9 tau + 0.1 exp(-temperature * step / horizon), 0, 1)`` over generated position.
+
+    Departs from CALM at tau >= 1: the formula would dip below 1 after the first generated token
+    and let tokens exit, while every schedule here keeps tau = 1 meaning "never exit"."""
     tau: float
     horizon: int = 128
     temperature: float = 4.0
 
     def __call__(self, step: int) -> float:
+        if self.tau >= 1.0:
+            return 1.0
         t = 0.9 * self.tau + 0.1 * math.exp(-self.temperature * step / max(1, self.horizon))
         return min(1.0, max(0.0, t))
 

@@ -25,7 +25,7 @@ IDS = np.random.default_rng(0).integers(0, MODEL.config.vocab_size, 1500)
 
 @pytest.fixture(scope="module")
 def params():
-    return calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4)
+    return calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4, min_fit_windows=4)
 
 
 # ---------------------------------------------------------------------------- the fits
@@ -210,8 +210,8 @@ def test_folded_kv_maps_equal_map_then_propagate(params, k):
 # ---------------------------------------------------------------------------- calibration
 
 def test_calibration_is_deterministic_for_a_seed(params):
-    again = calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4)
-    other = calibrate(MODEL, IDS, seed=2, max_tokens=64 * 8, kv_rank=4)
+    again = calibrate(MODEL, IDS, seed=1, max_tokens=64 * 8, kv_rank=4, min_fit_windows=4)
+    other = calibrate(MODEL, IDS, seed=2, max_tokens=64 * 8, kv_rank=4, min_fit_windows=4)
     for name in ("exit_w", "exit_b", "kv_u", "kv_v", "kv_c", "policy_w", "policy_b"):
         assert np.array_equal(getattr(again, name), getattr(params, name)), name
     assert again.threshold == params.threshold and again.info == params.info
@@ -234,7 +234,7 @@ def test_calibration_statistics_are_sane(params):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(max_tokens=64), "--max-tokens must be at least 128"),
+    (dict(max_tokens=64 * 19), "--max-tokens must be at least 1280 \\(20 windows of 64 tokens: 16 to fit, 4 held out\\)"),
     (dict(cost_weight=-1.0), "--cost-weight"),
     (dict(cost_weight=float("nan")), "--cost-weight"),
     (dict(target_ppl_increase=0.0), "--target-ppl-increase"),
@@ -246,8 +246,8 @@ def test_calibration_rejects_bad_settings(kw, msg):
 
 
 def test_calibration_rejects_too_little_text():
-    with pytest.raises(MinadeptError, match="calibration text"):
-        calibrate(MODEL, IDS[:40], max_tokens=256)
+    with pytest.raises(MinadeptError, match="calibration text is too short: 1200 tokens make 18 windows of 64"):
+        calibrate(MODEL, IDS[:1200], max_tokens=64 * 20)
 
 
 # ---------------------------------------------------------------------------- the engine

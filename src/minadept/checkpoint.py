@@ -76,8 +76,15 @@ def default_model_dir() -> Path:
     env = os.environ.get("MINADEPT_DEFAULT_MODEL")
     if env:
         return Path(env)
+    return packaged_weights_dir() / DEFAULT_MODEL_NAME
+
+
+def packaged_weights_dir() -> Path:
+    """The folder of the package ``minadept.weights`` (the embedded model's home, in site-packages
+    or, for an editable install, the repository's ``weights/``): files there are part of the
+    installed package, not the user's to overwrite."""
     from importlib.resources import files
-    return Path(str(files("minadept.weights") / DEFAULT_MODEL_NAME))
+    return Path(str(files("minadept.weights")))
 
 
 def resolve_model(source: str | os.PathLike | None) -> Path:

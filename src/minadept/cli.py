@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-ppl-increase", type=_float, default=0.05,
                    help="default threshold: cheapest with held-out ppl within this of full depth (0.05)")
     c.add_argument("--kv-rank", type=int, default=24, help="rank of each K/V mapper (default 24)")
-    c.add_argument("--out", default=None, help="output file or directory (default: the model directory)")
+    c.add_argument("--out", default=None,
+                   help="output directory (created if missing) or .safetensors file name (default: the model "
+                        "directory, unless the model ships inside the package)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing calibration at the output")
 
     i = sub.add_parser("info", help="version, default model, BLAS, backend")
     i.add_argument("--model", default=None)
@@ -270,6 +273,7 @@ def cmd_dump(args) -> int:
     from .dump import write_dump
     from .model import Model
     _check_policy_args(args)
+    check_writable(args.out, "--out")
     model = Model.load(args.model)
     engine = _engine(args, model)
     write_dump(engine, args.prompt, args.out)
@@ -288,21 +292,35 @@ def cmd_calibrate(args) -> int:
     from tqdm import tqdm
 
     from .evaluate import read_token_stream
-    from .exits.adept import ADEPT_FILE, save_adept
-    from .exits.calibrate import calibrate, check_settings
+    from .exits.adept import save_adept
+    from .exits.calibrate import calibrate, check_settings, check_text_length
     from .model import Model
     if args.kv_rank < 1:
         raise MinadeptError(f"--kv-rank must be >= 1, got {args.kv_rank}")
     model = Model.load(args.model)
     check_settings(model.config, cost_weight=args.cost_weight, max_tokens=args.max_tokens,
                    target_ppl_increase=args.target_ppl_increase, kv_rank=args.kv_rank)
-    out = _calibrate_output(args.out, model.path / ADEPT_FILE)
     ids = read_token_stream(model.tokenizer, args.text)
+    out, to_create = _calibrate_output(args.out, model.path, args.force)
+    check_text_length(model.config, len(ids))
+    created = None
+    if to_create is not None:
+        created = next(p for p in [to_create, *to_create.parents] if p.parent.exists())
+        try:
+            to_create.mkdir(parents=True)
+        except OSError as e:
+            raise MinadeptError(f"cannot create --out directory {to_create}: {e.strerror or e}") from None
     bar = lambda total, desc: tqdm(total=total, desc=desc, unit="tau" if "threshold" in desc else "tok",
                                    file=sys.stderr, leave=False)
-    params = calibrate(model, ids, cost_weight=args.cost_weight, seed=args.seed,
-                       max_tokens=args.max_tokens, target_ppl_increase=args.target_ppl_increase,
-                       kv_rank=args.kv_rank, progress_factory=bar)
+    try:
+        params = calibrate(model, ids, cost_weight=args.cost_weight, seed=args.seed,
+                           max_tokens=args.max_tokens, target_ppl_increase=args.target_ppl_increase,
+                           kv_rank=args.kv_rank, progress_factory=bar)
+    except BaseException:
+        if created is not None:                   # leave no empty directory behind
+            import shutil
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     try:
         save_adept(params, out)
         out.with_suffix(".json").write_text(json.dumps(params.info, indent=1, sort_keys=True) + "\n")
@@ -315,34 +333,82 @@ def cmd_calibrate(args) -> int:
     print(f"default threshold {params.threshold}: held-out ppl {best['ppl_increase']:+.1%} vs full depth, "
           f"compute fraction {best['compute_fraction']:.3f}, mean exit layer {best['mean_exit_layer']:.2f}")
     if not params.info["target_met"]:
+        short = params.info["calibration_tokens"] + params.info["heldout_tokens"] < args.max_tokens - 256
+        more = "a longer text (it had fewer tokens than --max-tokens)" if short else "more text (raise --max-tokens)"
         print(f"warning: no threshold kept the held-out perplexity within +{args.target_ppl_increase:.1%}; "
-              f"stored the most conservative one ({params.threshold}); calibrate on more text (--max-tokens)",
+              f"stored the most conservative one ({params.threshold}); calibrate on {more}",
               file=sys.stderr)
     return 0
 
 
-def _calibrate_output(out_arg, default):
-    """The adept.safetensors path for ``--out`` (a file name or a directory), checked before the
-    (minutes-long) calibration runs. Raises MinadeptError for anything that cannot be written."""
+def check_writable(path, flag: str) -> Path:
+    """Check, before any long computation, that the file ``path`` (named by ``flag``) can be
+    written: its folder exists, it is not a folder itself, and a file can be created beside it.
+    Returns the Path. Raises MinadeptError naming the problem."""
+    import tempfile
+    from pathlib import Path
+    out = Path(path)
+    try:
+        if out.is_dir():
+            raise MinadeptError(f"{flag} is a directory, expected a file name: {out}")
+        parent = out.parent
+        if not parent.is_dir():
+            raise MinadeptError(f"{flag}: output directory does not exist: {parent}")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".minadept-write-check-"):
+            pass
+    except OSError as e:
+        raise MinadeptError(f"{flag}: cannot write {out}: {e.strerror or e}") from None
+    return out
+
+
+def _calibrate_output(out_arg, model_path, force: bool):
+    """The adept.safetensors path for ``calibrate`` (``--out``: a .safetensors file name, or a
+    directory, created when it does not exist), checked before the minutes-long calibration.
+    Returns (path, directory to create or None): nothing is created here.
+
+    Without ``--out`` the calibration goes beside the model, except for a model that lives in the
+    installed package (its shipped calibration is not the user's to overwrite). An existing
+    calibration is overwritten only with ``--force``. Raises MinadeptError."""
     from pathlib import Path
 
+    from .checkpoint import packaged_weights_dir
     from .exits.adept import ADEPT_FILE
-    out = Path(out_arg) if out_arg else default
-    try:
-        if out.is_dir() or (out_arg and out_arg.endswith(("/", os.sep))):
-            out = out / ADEPT_FILE
-        if not out.parent.is_dir():
-            raise MinadeptError(f"output directory does not exist: {out.parent}")
-        if out.suffix != ".safetensors":
-            raise MinadeptError(f"--out must name a .safetensors file or a directory, got {out.name}")
-        if out.name == "model.safetensors" or out.name.startswith("model-0"):
-            raise MinadeptError(f"refusing to overwrite model weights: {out}")
-        for p in (out, out.with_suffix(".json")):
-            if p.is_dir():
-                raise MinadeptError(f"cannot write {p}: it is a directory")
-    except OSError as e:
-        raise MinadeptError(f"bad --out {out_arg!r}: {e.strerror or e}") from None
-    return out
+    created = None
+    if out_arg is None:
+        model_path = Path(model_path).resolve()
+        if model_path.is_relative_to(packaged_weights_dir().resolve()):
+            raise MinadeptError(f"the model {model_path.name} ships inside the minadept package, with its "
+                                f"calibration: pass --out DIR to write yours elsewhere")
+        out = model_path / ADEPT_FILE
+    else:
+        if not out_arg.strip():
+            raise MinadeptError("--out is empty (give a directory or a .safetensors file name)")
+        out = Path(out_arg).expanduser()
+        try:
+            if out.suffix == ".json":
+                raise MinadeptError(f"--out must name a .safetensors file or a directory, got {out.name} "
+                                    f"(the .json beside it is written too)")
+            if out.is_dir() or out_arg.endswith(("/", os.sep)) or (not out.exists() and out.suffix != ".safetensors"):
+                if not out.exists():
+                    created = out
+                    base = next(p for p in out.parents if p.exists())
+                    if not base.is_dir():
+                        raise MinadeptError(f"bad --out {out_arg!r}: {base} is a file, not a directory")
+                    check_writable(base / ".minadept", "--out")
+                    return out / ADEPT_FILE, created
+                out = out / ADEPT_FILE
+        except OSError as e:
+            raise MinadeptError(f"bad --out {out_arg!r}: {e.strerror or e}") from None
+    if out.suffix != ".safetensors":
+        raise MinadeptError(f"--out must name a .safetensors file or a directory, got {out.name}")
+    if out.name == "model.safetensors" or out.name.startswith("model-0"):
+        raise MinadeptError(f"refusing to overwrite model weights: {out}")
+    existing = [p for p in (out, out.with_suffix(".json")) if p.exists()]
+    if existing and not force:
+        raise MinadeptError(f"{existing[0]} already exists; pass --force to overwrite it")
+    for p in (out, out.with_suffix(".json")):
+        check_writable(p, "--out")
+    return out, created
 
 
 COMMANDS = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}

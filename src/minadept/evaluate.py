@@ -113,6 +113,23 @@ def sweep_settings(n_layer: int, adept: bool = False):
     return pts
 
 
+def check_plot_output(out: str) -> None:
+    """Before a sweep: matplotlib is installed, it can write this file type, and the file can be
+    written. Raises MinadeptError."""
+    from .cli import check_writable
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise MinadeptError("--plot needs matplotlib (pip install 'minadept[plot]')") from None
+    check_writable(out, "--plot")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise MinadeptError(f"--plot {out}: unknown image type {suffix!r} (use one of {', '.join(sorted(kinds))})")
+
+
 def plot_sweep(rows: list[dict], out: str, title: str = "") -> None:
     """Quality vs compute for every policy: agreement and perplexity against compute fraction."""
     try:
@@ -155,6 +172,8 @@ def run_eval_command(args, make_engine) -> int:
 
     if args.plot and not args.sweep:
         raise MinadeptError("--plot needs --sweep")
+    if args.plot:
+        check_plot_output(args.plot)
     model = Model.load(args.model)
     ids = read_token_stream(model.tokenizer, args.text, args.max_tokens)
     full = Engine(model)

@@ -28,6 +28,9 @@ from ..errors import MinadeptError
 from ..nn import normalize
 from .adept import AdeptParams, adept_engine, n_pairs, pair_index, policy_features
 
+#: fewest windows (of min(n_positions, 256) tokens) a calibration fits on, after the hold-out
+MIN_FIT_WINDOWS = 16
+HELDOUT = 0.2
 TAU_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
@@ -177,7 +180,7 @@ def choose_threshold(model, params: AdeptParams, windows: np.ndarray, target: fl
 
 
 def check_settings(cfg, *, cost_weight: float, max_tokens: int, target_ppl_increase: float,
-                   kv_rank: int) -> tuple[int, int]:
+                   kv_rank: int, min_fit_windows: int = MIN_FIT_WINDOWS, heldout: float = HELDOUT) -> tuple[int, int]:
     """Validate calibration settings for a model with ``cfg`` before any work; returns
     (window length n_ctx, number of windows). Raises MinadeptError naming the bad setting."""
     if not cost_weight >= 0 or math.isinf(cost_weight):
@@ -190,28 +193,57 @@ def check_settings(cfg, *, cost_weight: float, max_tokens: int, target_ppl_incre
         raise MinadeptError(f"--kv-rank must be in [1, {cfg.n_embd}] (n_embd), got {kv_rank}")
     n_ctx = min(cfg.n_positions, 256)
     n_windows = max_tokens // n_ctx
-    if n_windows < 2:
-        raise MinadeptError(f"--max-tokens must be at least {2 * n_ctx} (two windows of {n_ctx}), got {max_tokens}")
+    need = min_windows(min_fit_windows, heldout)
+    if n_windows < need:
+        raise MinadeptError(f"--max-tokens must be at least {need * n_ctx} ({need} windows of {n_ctx} tokens: "
+                            f"{min_fit_windows} to fit, {need - min_fit_windows} held out), got {max_tokens}")
     return n_ctx, n_windows
 
 
+def min_windows(min_fit_windows: int = MIN_FIT_WINDOWS, heldout: float = HELDOUT) -> int:
+    """Fewest calibration windows that leave ``min_fit_windows`` to fit after the hold-out."""
+    n = min_fit_windows + 1
+    while n - _n_held(n, heldout) < min_fit_windows:
+        n += 1
+    return n
+
+
+def _n_held(n_windows: int, heldout: float) -> int:
+    return max(1, int(round(heldout * n_windows)))
+
+
+def check_text_length(cfg, n_tokens: int, min_fit_windows: int = MIN_FIT_WINDOWS, heldout: float = HELDOUT) -> None:
+    """Refuse, before any work, calibration text too short for ``min_fit_windows`` windows to fit
+    after the hold-out (fewer gives a policy that only looks calibrated: on 4 windows of the
+    embedded model the held-out perplexity rose by 545%). Raises MinadeptError."""
+    n_ctx = min(cfg.n_positions, 256)
+    need = min_windows(min_fit_windows, heldout)
+    have = (n_tokens - 1) // n_ctx
+    if have < need:
+        raise MinadeptError(f"calibration text is too short: {n_tokens} tokens make {have} windows of {n_ctx}, "
+                            f"and calibration needs at least {need} ({need * n_ctx + 1} tokens: {min_fit_windows} "
+                            f"to fit, {need - min_fit_windows} held out); give a longer text")
+
+
 def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0,
-              max_tokens: int = 98304, target_ppl_increase: float = 0.05, heldout: float = 0.2,
-              ridge: float = 1e-4, kv_rank: int = 24, progress_factory=None) -> AdeptParams:
+              max_tokens: int = 98304, target_ppl_increase: float = 0.05, heldout: float = HELDOUT,
+              ridge: float = 1e-4, kv_rank: int = 24, progress_factory=None,
+              min_fit_windows: int = MIN_FIT_WINDOWS) -> AdeptParams:
     """Fit mappers and policy on the token stream ``ids`` [N] and choose the default threshold.
 
     ``max_tokens``: calibration tokens (windows of n_positions, at most 256); ``heldout``: the
-    fraction of windows kept for choosing tau. Raises MinadeptError for bad settings or too little
+    fraction of windows kept for choosing tau; ``min_fit_windows``: the fewest windows left to fit
+    on (``MIN_FIT_WINDOWS``; tests of the fits on tiny models pass fewer). Raises MinadeptError for bad settings or too little
     text. ``progress_factory(total, desc)`` returns an object with ``update(n)`` and ``close()``.
     """
     from ..engine import Engine
     n_ctx, n_windows = check_settings(model.config, cost_weight=cost_weight, max_tokens=max_tokens,
-                                      target_ppl_increase=target_ppl_increase, kv_rank=kv_rank)
+                                      target_ppl_increase=target_ppl_increase, kv_rank=kv_rank,
+                                      min_fit_windows=min_fit_windows, heldout=heldout)
+    check_text_length(model.config, len(ids), min_fit_windows, heldout)
     cfg = model.config
     wins = calibration_windows(ids, n_ctx, n_windows, seed)
-    if len(wins) < 2:
-        raise MinadeptError(f"calibration text too short: need at least {2 * n_ctx + 1} tokens")
-    n_held = max(1, int(round(heldout * len(wins))))
+    n_held = _n_held(len(wins), heldout)
     fit_w, held_w = wins[:-n_held], wins[-n_held:]
     bar = progress_factory or (lambda total, desc: _NoBar())
 

@@ -1,4 +1,4 @@
-"""ADEPT learned policy vs the training-free exits on the embedded model (issue 5). Not a test.
+"""ADEPT learned policy vs the training-free exits on the embedded model. Not a test.
 
 Needs the calibrated ``adept.safetensors`` next to the embedded model (``minadept calibrate``;
 calibration text: part of ``../shared/corpus/train.txt``). In one process:

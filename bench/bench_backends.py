@@ -1,4 +1,4 @@
-"""NumPy vs Cython backend on the embedded model, full depth and with early exit (issue 6).
+"""NumPy vs Cython backend on the embedded model, full depth and with early exit.
 Not a test: one process, same prompts, the two backends alternate; prints tokens/s and ratios.
 
     python bench/bench_backends.py [--prompts 4] [--prompt-tokens 64] [--new-tokens 64] [--threads 2]

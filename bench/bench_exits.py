@@ -1,4 +1,4 @@
-"""Early-exit benchmark on the embedded model (issue 4, must-show 3). Not a test.
+"""Early-exit benchmark on the embedded model. Not a test.
 
 In one process, on prompts from ``../shared/corpus/valid.txt``:
   1. speed: full depth vs ``fixed`` at n_layer/2 with eager and with lazy fill — prefill tokens/s

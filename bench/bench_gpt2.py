@@ -37,8 +37,8 @@ import warnings
 
 import numpy as np
 
-#: (decode, prefill) minadept tok/s over transformers': issue 2 for the NumPy reference, issue 6
-#: for the Cython backend.
+#: (decode, prefill) minadept tok/s over transformers': the project's targets for the NumPy reference and
+#: the Cython backend.
 TARGETS = {"numpy": (1.6, 0.9), "fast": (2.0, 1.1)}
 
 

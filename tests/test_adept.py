@@ -1,4 +1,4 @@
-"""ADEPT's learned policy and mappers (issue 5): the fits recover known relations from synthetic
+"""ADEPT's learned policy and mappers: the fits recover known relations from synthetic
 data, the policy file round-trips and rejects a mismatched model, calibration is deterministic for
 a seed, and with the learned policy disabled the engine equals the plain model bit for bit."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ADEPT engine invariants (issue 4): exits that never fire equal the plain model bit for bit,
+"""ADEPT engine invariants: exits that never fire equal the plain model bit for bit,
 batched propagation equals the loop and the formula, eager equals lazy, prefill equals replayed
 decode, an exit at k predicts from ln_f(h_k), oracle KV equals full depth, FLOPs add up."""
 from __future__ import annotations

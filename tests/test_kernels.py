@@ -127,7 +127,7 @@ def test_cosine_rows(data, n, c):
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 8), c=st.integers(1, 300))
 def test_adept_logit(data, n, c):
-    """The learned exit policy's gating check (issue 5's ``adept`` policy) vs its float64 twin."""
+    """The learned exit policy's gating check (the ``adept`` policy's) vs its float64 twin."""
     from minadept.exits.adept import adept_logit_numpy
     h, hp = data.draw(arrays((n, c))), data.draw(arrays((n, c)))
     w = data.draw(arrays((c + 2,), scale=data.draw(st.sampled_from([1e-2, 1.0, 10.0]))))

@@ -1,4 +1,4 @@
-"""Interpolated bigram baseline for the embedded model's model card (issue 3, must-show 2).
+"""Interpolated bigram baseline for the embedded model's model card.
 
 Fits P(w | v) = lam * c(v, w) / c(v) + (1 - lam) * P_uni(w) (P_uni add-one smoothed) on the
 training text, tokenized with the embedded model's tokenizer as one stream (as ``minadept eval``

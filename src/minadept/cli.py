@@ -14,6 +14,10 @@ from .errors import MinadeptError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)    # subcommands too: no silent prefixes of flags
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, no usage dump
         raise MinadeptError(f"{self.prog}: {message}")
 
@@ -38,22 +42,31 @@ def _seed(text: str) -> int:
 def _add_model(p):
     p.add_argument("--model", default=None,
                    help="model directory or Hugging Face id (default: the embedded minigpt2-stories)")
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads (default: 1 for models up to 64 MB of weights, all cores above)")
 
 
 def _add_policy(p):
     g = p.add_argument_group("early exit (ADEPT engine)")
-    g.add_argument("--exit", default="none", help="{none,fixed,confidence,margin,saturation,adept}")
-    g.add_argument("--threshold", type=_float, default=None, help="exit when score > threshold (0..1)")
+    g.add_argument("--exit", default="none",
+                   help="exit policy: none (full depth, the default), fixed, confidence, margin, saturation, adept")
+    g.add_argument("--threshold", type=_float, default=None,
+                   help="exit when score > threshold, in [0, 1]; 1 never exits (default: " + _default_thresholds() + ")")
     g.add_argument("--exit-layer", type=int, default=None, help="K for --exit fixed (1..n_layer)")
     g.add_argument("--min-exit-layer", type=int, default=None, help="first layer that may exit (default 1)")
-    g.add_argument("--schedule", default="constant", help="threshold schedule: constant or decay (CALM)")
-    g.add_argument("--kv", default="propagate", help="skipped-layer KV: propagate, propagate-loop (its per-layer twin, identity K/V map), oracle")
-    g.add_argument("--kv-fill", default="eager", help="eager or lazy (lazy only with --kv propagate)")
+    g.add_argument("--schedule", default="constant", help="threshold schedule: constant (default) or decay (CALM)")
+    g.add_argument("--kv", default="propagate",
+                   help="skipped-layer KV: propagate (default), propagate-loop (its per-layer twin, identity K/V map), oracle")
+    g.add_argument("--kv-fill", default="eager", help="eager (default) or lazy (lazy only with --kv propagate)")
     g.add_argument("--adept", default=None,
                    help="calibrated policy file or its directory (default: adept.safetensors in the model directory)")
     g.add_argument("--exit-map", default=None, help="{learned,identity} with --exit adept (default learned)")
     g.add_argument("--kv-map", default=None, help="{learned,identity} with --exit adept (default learned)")
+
+
+def _default_thresholds() -> str:
+    from .exits.policies import THRESHOLD_DEFAULTS
+    return ", ".join(f"{k} {v}" for k, v in THRESHOLD_DEFAULTS.items()) + ", adept its calibrated value"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion of PROMPT")
     g.add_argument("prompt", help="prompt text, or - to read stdin")
     _add_model(g)
-    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
     g.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="sample from the K most likely (default 40)")
     g.add_argument("--top-p", type=_float, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
     g.add_argument("--seed", type=_seed, default=None, help="sampling seed >= 0 (default: random)")
     g.add_argument("--json", action="store_true", help="last stderr line is a JSON summary")
-    g.add_argument("--show-exits", action="store_true", help="mark each token with its exit layer")
+    g.add_argument("--show-exits", nargs="?", const="auto", default=None, choices=["tags", "color", "auto"],
+                   help="mark each token with its exit layer: tags (token[k]) or color (with a legend on "
+                        "stderr); alone: color on a terminal, tags otherwise")
     _add_policy(g)
 
     e = sub.add_parser("eval", help="perplexity (and early-exit quality/compute) on a text file")
@@ -107,13 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _threads(n):
-    if n is None:
-        return None
-    if n < 1:
+def _check_threads(n):
+    if n is not None and n < 1:
         raise MinadeptError(f"--threads must be >= 1, got {n}")
+
+
+def set_threads(args, model) -> int:
+    """Apply ``--threads``, or the default for the model's size (``backend.default_threads``),
+    to BLAS and OpenMP until the command ends; returns the thread count that runs."""
     from threadpoolctl import threadpool_limits
-    return threadpool_limits(limits=n)
+
+    from . import backend
+    n = args.threads if args.threads is not None else backend.default_threads(4 * model.n_params)
+    args.thread_limits = threadpool_limits(limits=n)
+    return n
 
 
 def _engine(args, model):
@@ -165,11 +187,26 @@ def _check_policy_args(args):
 _COLOURS = [46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196, 160]
 
 
-def _mark(piece: str, layers: list[int], n_layer: int, tty: bool) -> str:
-    if not tty:
+def _colour(layer: int, n_layer: int) -> int:
+    return _COLOURS[min(len(_COLOURS) - 1, (layer - 1) * len(_COLOURS) // n_layer)]
+
+
+def _mark(piece: str, layers: list[int], n_layer: int, mode: str) -> str:
+    """``piece`` marked with the exit layers of the tokens that produced it: ``piece[k]`` (tags)
+    or coloured by the deepest of them (color)."""
+    if mode == "tags":
         return f"{piece}[{','.join(map(str, layers))}]"
-    c = _COLOURS[min(len(_COLOURS) - 1, (max(layers) - 1) * len(_COLOURS) // n_layer)]
-    return f"\x1b[38;5;{c}m{piece}\x1b[0m"
+    return f"\x1b[38;5;{_colour(max(layers), n_layer)}m{piece}\x1b[0m"
+
+
+def _legend(n_layer: int) -> str:
+    """One stderr line mapping colours to exit layers (for ``--show-exits color``)."""
+    keys = " ".join(f"\x1b[38;5;{_colour(k, n_layer)}m{k}\x1b[0m" for k in range(1, n_layer + 1))
+    return f"exit layer: {keys} (full depth = {n_layer})"
+
+
+_STOPS = {"eot": "stopped at <|endoftext|>", "max_new_tokens": "reached --max-new-tokens",
+          "context_full": "context full", "interrupted": "interrupted"}
 
 
 def cmd_generate(args) -> int:
@@ -185,44 +222,57 @@ def cmd_generate(args) -> int:
     _check_policy_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = Model.load(args.model)
+    threads = set_threads(args, model)
     engine = _engine(args, model)
     tok = model.tokenizer
     ids = tok.encode(prompt)
     state = Generation(prompt_ids=ids)
     rng = np.random.default_rng(args.seed)
-    out, tty = sys.stdout, sys.stdout.isatty()
-    stream = tok.stream()
+    out = sys.stdout
+    mode = args.show_exits
+    if mode == "auto":
+        mode = "color" if out.isatty() else "tags"
     L = model.config.n_layer
+    if mode == "color":
+        print(_legend(L), file=sys.stderr)
+    stream = tok.stream()
     pending: list[int] = []
+    t_start = time.perf_counter()
+    engine.prepare()                          # one-time set-up, kept out of the prefill figure
     t0 = time.perf_counter()
-    t_prefill = None
-    for step in generate(engine, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng,
-                         eot_id=tok.eot_id, state=state):
-        if t_prefill is None:
-            t_prefill = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        if step.token == tok.eot_id:            # the stop token ends the text; it is not printed
-            state.stop_reason = "eot"
-            break
-        pending.append(int(step.result.exit_layers[-1]))
-        piece = stream.step(step.token)
-        if piece:
-            out.write(_mark(piece, pending, L, tty) if args.show_exits else piece)
-            out.flush()
-            pending = []
-    t_decode = time.perf_counter() - t1 if t_prefill is not None else 0.0
+    t_prefill = t_first = t1 = None
+    try:
+        for step in generate(engine, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng,
+                             eot_id=tok.eot_id, state=state):
+            if t_prefill is None:
+                t1 = time.perf_counter()
+                t_prefill, t_first = t1 - t0, t1 - t_start
+            if step.token == tok.eot_id:            # the stop token ends the text; it is not printed
+                state.stop_reason = "eot"
+                break
+            pending.append(int(step.result.exit_layers[-1]))
+            piece = stream.step(step.token)
+            if piece:
+                out.write(_mark(piece, pending, L, mode) if mode else piece)
+                out.flush()
+                pending = []
+    except KeyboardInterrupt:
+        state.stop_reason = "interrupted"
+    t_decode = time.perf_counter() - t1 if t1 is not None else 0.0
     rest = stream.finish()
     if rest or pending:
-        out.write(_mark(rest, pending, L, tty) if args.show_exits and pending else rest)
-    out.write("\n")
+        out.write(_mark(rest, pending, L, mode) if mode and pending else rest)
+    out.write("\n")                              # the summary and any error start on a new line
     out.flush()
     if state.stop_reason == "context_full":
         print(f"stopped: the context is full ({model.config.n_positions} tokens, n_positions)", file=sys.stderr)
-    _summary(args, state, t_prefill, t_decode)
+    _summary(args, engine, state, dict(prefill=t_prefill, first=t_first, decode=t_decode, threads=threads))
+    if state.stop_reason == "interrupted":
+        raise KeyboardInterrupt
     return 0
 
 
-def _summary(args, state, t_prefill, t_decode):
+def _summary(args, engine, state, t):
     results = ([state.prompt_result] if state.prompt_result else []) + state.decode_results
     n_decode = len(state.decode_results)
     exit_layers = [int(r.exit_layers[-1]) for r in results]
@@ -231,23 +281,30 @@ def _summary(args, state, t_prefill, t_decode):
     s = {
         "prompt_tokens": len(state.prompt_ids),
         "new_tokens": len(state.tokens),
-        "prefill_tokens_per_s": round(len(state.prompt_ids) / t_prefill, 2) if t_prefill else None,
-        "decode_tokens_per_s": round(n_decode / t_decode, 2) if n_decode and t_decode > 0 else None,
+        "prefill_tokens_per_s": round(len(state.prompt_ids) / t["prefill"], 2) if t["prefill"] else None,
+        "time_to_first_token_s": round(t["first"], 4) if t["first"] is not None else None,
+        "decode_tokens_per_s": round(n_decode / t["decode"], 2) if n_decode and t["decode"] > 0 else None,
         "stop_reason": state.stop_reason,
+        "threads": t["threads"],
         "mean_exit_layer": round(sum(exit_layers) / len(exit_layers), 3) if exit_layers else None,
         "compute_fraction": round(total / full, 4) if full else None,
         "exit_layers": exit_layers,
     }
     if state.prompt_result is not None:
         s["prompt_exit_layers"] = [int(x) for x in state.prompt_result.exit_layers]
+    s.update(engine.settings())
     if args.json:
         print(json.dumps(s), file=sys.stderr)
         return
     fmt = lambda v: "n/a" if v is None else f"{v:.1f}"
+    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")
     line = (f"prompt tokens {s['prompt_tokens']}, new tokens {s['new_tokens']}, "
-            f"prefill {fmt(s['prefill_tokens_per_s'])} tokens/s, decode {fmt(s['decode_tokens_per_s'])} tokens/s")
+            f"prefill {fmt(s['prefill_tokens_per_s'])} tokens/s, decode {fmt(s['decode_tokens_per_s'])} tokens/s, "
+            f"{plural(s['threads'], 'thread')}")
     if args.exit != "none" and exit_layers:
         line += f", mean exit layer {s['mean_exit_layer']:.2f}, compute {s['compute_fraction']:.3f} of full depth"
+    if state.stop_reason in ("eot", "interrupted"):
+        line += f"; {_STOPS[state.stop_reason]}"
     print(line, file=sys.stderr)
 
 
@@ -275,6 +332,7 @@ def cmd_dump(args) -> int:
     _check_policy_args(args)
     check_writable(args.out, "--out")
     model = Model.load(args.model)
+    set_threads(args, model)
     engine = _engine(args, model)
     write_dump(engine, args.prompt, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -298,6 +356,7 @@ def cmd_calibrate(args) -> int:
     if args.kv_rank < 1:
         raise MinadeptError(f"--kv-rank must be >= 1, got {args.kv_rank}")
     model = Model.load(args.model)
+    set_threads(args, model)
     check_settings(model.config, cost_weight=args.cost_weight, max_tokens=args.max_tokens,
                    target_ppl_increase=args.target_ppl_increase, kv_rank=args.kv_rank)
     ids = read_token_stream(model.tokenizer, args.text)
@@ -422,12 +481,12 @@ def main(argv=None) -> int:
             raise MinadeptError("missing command (generate, eval, calibrate, dump or info); see minadept --help")
         from . import backend
         backend.use()
-        limits = _threads(getattr(args, "threads", None))
+        _check_threads(getattr(args, "threads", None))
         try:
             return COMMANDS[args.command](args)
         finally:
-            if limits is not None:
-                limits.restore_original_limits()
+            if getattr(args, "thread_limits", None) is not None:
+                args.thread_limits.restore_original_limits()
     except MinadeptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if str(e).startswith("minadept") else 1

@@ -29,10 +29,7 @@ def dump_arrays(engine, ids) -> dict:
     r = engine.forward(ids, cache, all_logits=True, record_hidden=True)
     engine.flush(cache)
     T = len(ids)
-    settings = dict(engine.policy.settings(), kv=engine.kv, kv_fill=engine.fill)
-    if settings.get("exit") == "adept":
-        settings.update(exit_map="learned" if engine.exit_mapper is not None else "identity",
-                        kv_map="learned" if engine.kv_maps is not None else "identity")
+    settings = engine.settings()
     return {
         "format_version": np.int64(FORMAT_VERSION),
         "input_ids": ids,

@@ -73,9 +73,22 @@ class Engine:
 
     def __init__(self, model: M.Model, policy: Policy | None = None, *, kv: str = "propagate",
                  fill: str = "eager", exit_mapper=None, kv_maps=None, mapper_flops=(0, 0)):
-        if kv not in KV_MODES:
+        from .exits.adept import AdeptParams
+        if not isinstance(model, M.Model):
+            raise MinadeptError(f"model must be a minadept Model (Model.load(...)), got {type(model).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise MinadeptError(f"policy must be an exit Policy (make_policy(...)) or None, got {type(policy).__name__}")
+        if exit_mapper is not None and not callable(exit_mapper):
+            raise MinadeptError(f"exit_mapper must be callable (k, h) -> h' or None, got {type(exit_mapper).__name__}")
+        if kv_maps is not None and not isinstance(kv_maps, AdeptParams):
+            raise MinadeptError(f"kv_maps must be an AdeptParams (load_adept(...)) or None, got {type(kv_maps).__name__}")
+        if (not isinstance(mapper_flops, (tuple, list)) or len(mapper_flops) != 2
+                or not all(isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 0
+                           for f in mapper_flops)):
+            raise MinadeptError(f"mapper_flops must be a pair of integers >= 0 (exit map, K/V map), got {mapper_flops!r}")
+        if not isinstance(kv, str) or kv not in KV_MODES:
             raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
-        if fill not in FILL_MODES:
+        if not isinstance(fill, str) or fill not in FILL_MODES:
             raise MinadeptError(f"unknown --kv-fill {fill!r} (expected eager or lazy)")
         if fill == "lazy" and kv != "propagate":
             raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {kv}")
@@ -99,9 +112,32 @@ class Engine:
         needs: first-touching a large fresh cache costs real time (measured 70 ms of a 190 ms
         124M prefill for a 1024-position cache)."""
         n = self.config.n_positions if n_ctx is None else n_ctx
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+            raise MinadeptError(f"cache size must be an integer in [1, {self.config.n_positions}] "
+                                f"(n_positions), got {n!r}")
         if not 1 <= n <= self.config.n_positions:
             raise MinadeptError(f"cache size must be in [1, {self.config.n_positions}] (n_positions), got {n}")
         return KVCache(self.config, n)
+
+    def settings(self) -> dict:
+        """The exit policy and KV settings, as JSON summaries and dumps report them."""
+        s = dict(self.policy.settings(), kv=self.kv, kv_fill=self.fill)
+        if s.get("exit") == "adept":
+            s.update(exit_map="learned" if self.exit_mapper is not None else "identity",
+                     kv_map="learned" if self.kv_maps is not None else "identity")
+        return s
+
+    def prepare(self) -> None:
+        """Build what the engine otherwise creates on first use (the LM head copy, the fused
+        decode step on the fast backend, the folded propagation weights of a policy that can
+        exit) and run one token through once (BLAS threads start, first-touch page faults), so
+        that timings taken after it measure steady-state prefill and decode. Optional."""
+        _ = self.model.lm_head_t
+        if backend.kernels() is not None:
+            _ = self.model.decode_plan
+        if self.kv == "propagate" and not isinstance(self.policy, NoExit):
+            _ = self.stacked
+        self.forward([0], self.new_cache(1))
 
     # -- predictions ------------------------------------------------------------------------
     def predict(self, h: np.ndarray, layer: int) -> np.ndarray:
@@ -192,15 +228,38 @@ class Engine:
         Raises MinadeptError if the tokens do not fit in the cache or an id is out of range.
         """
         cfg, params, L = self.config, self.model.params, self.config.n_layer
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not isinstance(cache, KVCache):
+            raise MinadeptError(f"cache must be a KVCache (from Engine.new_cache), got {type(cache).__name__}")
+        shape = cache.kv.shape
+        if (shape[0], shape[2], shape[4]) != (L, cfg.n_head, cfg.head_dim):
+            raise MinadeptError(f"cache is for another model shape (n_layer {shape[0]}, n_head {shape[2]}, "
+                                f"head_dim {shape[4]}); this model has n_layer {L}, n_head {cfg.n_head}, "
+                                f"head_dim {cfg.head_dim}")
+        if not isinstance(all_logits, (bool, np.bool_)):
+            raise MinadeptError(f"all_logits must be a bool, got {type(all_logits).__name__} {all_logits!r}")
+        if not isinstance(record_hidden, (bool, np.bool_)):
+            raise MinadeptError(f"record_hidden must be a bool, got {type(record_hidden).__name__} {record_hidden!r}")
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise MinadeptError(f"step must be an integer >= 0, got {step!r}")
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError):          # ragged nesting
+            raise MinadeptError("ids must be a 1-D sequence of token ids, got a ragged nested sequence") from None
+        if arr.ndim != 1:
+            raise MinadeptError(f"ids must be a 1-D sequence of token ids, got {type(ids).__name__} of shape {arr.shape}")
+        if arr.size == 0:
+            raise MinadeptError("no tokens to run")
+        if arr.dtype.kind not in "iu" or (isinstance(ids, (list, tuple))       # [1, True] -> int64
+                                          and not {bool, np.bool_}.isdisjoint(map(type, ids))):
+            raise MinadeptError(f"ids must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
+        if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+            bad = arr[(arr < 0) | (arr >= cfg.vocab_size)][0]
+            raise MinadeptError(f"token id out of range [0, {cfg.vocab_size}), got {bad}")
+        ids = arr.astype(np.int64, copy=False)
         T, p0 = len(ids), cache.length
         end = p0 + T
-        if T == 0:
-            raise MinadeptError("no tokens to run")
         if end > cache.n_ctx:
             raise MinadeptError(f"{end} tokens do not fit in the context of {cache.n_ctx} (n_positions)")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise MinadeptError(f"token id out of range [0, {cfg.vocab_size})")
         if T == 1 and not record_hidden and self.kv != "oracle" and backend.kernels() is not None:
             plan = self.model.decode_plan
             if plan is not None:

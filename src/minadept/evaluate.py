@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import MinadeptError
 
@@ -57,11 +59,18 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def reference_top1(engine_full, ids: np.ndarray) -> list[np.ndarray]:
     """Full-depth top-1 prediction [len(w)-1] for every window (for agreement)."""
-    out = []
-    for w in windows(ids, engine_full.config.n_positions):
-        r = engine_full.forward(w[:-1], engine_full.new_cache(len(w) - 1), all_logits=True)
-        out.append(r.logits.argmax(axis=-1))
-    return out
+    return full_depth_pass(engine_full, ids)[1]
+
+
+def full_depth_pass(engine_full, ids: np.ndarray, progress=None) -> tuple[dict, list[np.ndarray]]:
+    """One full-depth pass of the protocol: its ``evaluate`` result (ppl, tokens, nll, ...,
+    agreement 1.0) and the top-1 prediction of every window (the reference for agreement), so
+    the baseline perplexity costs no second pass."""
+    top1: list[np.ndarray] = []
+    res = evaluate_windows(engine_full, windows(ids, engine_full.config.n_positions), progress=progress,
+                           _top1_out=top1)
+    res["agreement"] = 1.0
+    return res, top1
 
 
 def evaluate(engine, ids: np.ndarray, ref_top1: list[np.ndarray] | None = None, progress=None) -> dict:
@@ -71,8 +80,9 @@ def evaluate(engine, ids: np.ndarray, ref_top1: list[np.ndarray] | None = None, 
     return evaluate_windows(engine, windows(ids, engine.config.n_positions), ref_top1, progress)
 
 
-def evaluate_windows(engine, wins, ref_top1=None, progress=None) -> dict:
-    """``evaluate`` over given windows (each an id array read on all but its last token)."""
+def evaluate_windows(engine, wins, ref_top1=None, progress=None, _top1_out: list | None = None) -> dict:
+    """``evaluate`` over given windows (each an id array read on all but its last token).
+    ``_top1_out``, a list, receives every window's top-1 predictions (see ``full_depth_pass``)."""
     nll = 0.0
     n = agree = 0
     exit_sum = 0
@@ -83,8 +93,12 @@ def evaluate_windows(engine, wins, ref_top1=None, progress=None) -> dict:
         lp = _log_softmax(r.logits)
         nll -= float(lp[np.arange(len(w) - 1), w[1:]].sum())
         n += len(w) - 1
-        if ref_top1 is not None:
-            agree += int((r.logits.argmax(axis=-1) == ref_top1[i]).sum())
+        if ref_top1 is not None or _top1_out is not None:
+            top1 = r.logits.argmax(axis=-1)
+            if ref_top1 is not None:
+                agree += int((top1 == ref_top1[i]).sum())
+            if _top1_out is not None:
+                _top1_out.append(top1)
         exit_sum += int(r.exit_layers.sum())
         total += r.total_flops
         full += r.full_flops
@@ -130,32 +144,108 @@ def check_plot_output(out: str) -> None:
         raise MinadeptError(f"--plot {out}: unknown image type {suffix!r} (use one of {', '.join(sorted(kinds))})")
 
 
-def plot_sweep(rows: list[dict], out: str, title: str = "") -> None:
-    """Quality vs compute for every policy: agreement and perplexity against compute fraction."""
+def _plain(v: float, _pos=None) -> str:
+    """Tick label without powers of ten or offsets: 0.5, 1, 1.5, 676."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:g}"
+
+
+def _tau(r: dict) -> float | None:
+    """A row's threshold τ (``threshold`` key or ``tau=X`` in its setting), None if it has none."""
+    if r.get("threshold") is not None:
+        return float(r["threshold"])
+    m = re.search(r"tau=([0-9.]+)", str(r.get("setting", "")))
+    return float(m.group(1)) if m else None
+
+
+def plot_sweep(rows: list[dict], out: str | None, title: str = ""):
+    """Quality vs compute for every policy: agreement and perplexity against compute fraction.
+    Full depth (the ``none`` row, if any) is a large black star drawn on top; each threshold
+    policy's points carry their τ. Writes ``out`` (if given) and returns the (closed) Figure."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
     except ImportError:
         raise MinadeptError("--plot needs matplotlib (pip install 'minadept[plot]')") from None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["exit"] for r in rows):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    keys = ("agreement", "ppl")
+    names = [n for n in dict.fromkeys(r["exit"] for r in rows) if n != "none"]
+    ppl = [r["ppl"] for r in rows]
+    # scales first, so that label placement below sees the final transforms
+    for ax in axes:
+        # Log-scaled compute axis: the LM-head policies (confidence, margin) cost up to ~3.5x
+        # full depth, which on a linear axis squeezes every point below 1 (where the savings
+        # are) into a corner and leaves an empty band between 1 and ~3. A log axis puts equal
+        # cost ratios at equal distances (half and double the cost lie equally far from 1),
+        # gives the sub-1 region its fair share, and unlike a broken axis needs no gap chosen
+        # in advance (LM-head points can land anywhere from ~0.4 to ~3.5 depending on τ/text).
+        ax.set_xscale("log")
+        ax.set_xmargin(0.06)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
+        ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+        ax.xaxis.set_minor_locator(NullLocator())
+    if ppl and max(ppl) > 10 * min(ppl):      # log only when the range really spans decades
+        axes[1].set_yscale("log")
+        axes[1].yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        axes[1].yaxis.set_minor_formatter(NullFormatter())
+    axes[1].yaxis.set_major_formatter(FuncFormatter(_plain))
+    labels: list[tuple[object, tuple[float, float], str, str]] = []   # (axes, point, text, colour)
+    for name in names:
         pts = sorted((r for r in rows if r["exit"] == name), key=lambda r: r["compute_fraction"])
         x = [r["compute_fraction"] for r in pts]
-        axes[0].plot(x, [r["agreement"] for r in pts], "o-", label=name, ms=4)
-        axes[1].plot(x, [r["ppl"] for r in pts], "o-", label=name, ms=4)
+        for ax, key in zip(axes, keys):
+            (line,) = ax.plot(x, [r.get(key, 1.0) for r in pts], "o-", label=name, ms=4, zorder=3)
+            # τ labels; points that coincide (e.g. every τ that never exits) share one label
+            groups: dict[tuple, list[float]] = {}
+            for r in pts:
+                t = _tau(r)
+                if t is not None:
+                    groups.setdefault((r["compute_fraction"], r.get(key, 1.0)), []).append(t)
+            for xy, taus in groups.items():
+                taus = sorted(taus)
+                text = (f"τ={taus[0]:g}–{taus[-1]:g}" if len(taus) > 2
+                        else "τ=" + "/".join(f"{t:g}" for t in taus))
+                labels.append((ax, xy, text, line.get_color()))
+    none = [r for r in rows if r["exit"] == "none"]
+    for r in none:
+        for ax, key in zip(axes, keys):
+            ax.plot([r["compute_fraction"]], [r.get(key, 1.0)], "*", color="black", ms=15, mec="white",
+                    mew=0.8, zorder=10, label="none (full depth)")
+            ax.annotate("full depth", (r["compute_fraction"], r.get(key, 1.0)), xytext=(0, 10),
+                        textcoords="offset points", ha="center", fontsize=8, fontweight="bold", zorder=11)
     axes[0].set_ylabel("top-1 agreement with full depth")
     axes[1].set_ylabel("perplexity")
-    axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xlabel("compute fraction (FLOPs incl. checks and propagation / full depth)")
+        ax.axvline(1.0, color="black", lw=0.8, ls=":", zorder=1)
+        ax.set_xlabel("compute fraction (FLOPs incl. checks and propagation / full depth; log scale)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.tight_layout()   # final layout before the τ labels are placed in display coordinates
+    # place each τ label at the first offset where it overlaps no earlier label and stays inside
+    # its axes horizontally (measured with the renderer, in display coordinates)
+    renderer = fig.canvas.get_renderer()
+    candidates = [(4, 3), (4, -10), (-4, 3), (-4, -10), (4, 12), (-4, 12), (4, -19), (-4, -19)]
+    placed: dict[object, list] = {ax: [] for ax in axes}
+    for ax in axes:
+        placed[ax] += [t.get_window_extent(renderer) for t in ax.texts]   # the "full depth" captions
+    for ax, xy, text, colour in labels:
+        ann = ax.annotate(text, xy, xytext=candidates[0], textcoords="offset points", fontsize=6,
+                          color=colour, va="bottom")
+        box = ax.get_window_extent(renderer)
+        for dx, dy in candidates:
+            ann.xyann = (dx, dy)
+            ann.set_horizontalalignment("left" if dx > 0 else "right")
+            bb = ann.get_window_extent(renderer)
+            if bb.x0 >= box.x0 and bb.x1 <= box.x1 and not any(bb.overlaps(o) for o in placed[ax]):
+                break
+        placed[ax].append(bb)
+    if out is not None:
+        fig.savefig(out, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def _fmt_row(r: dict) -> str:
@@ -167,6 +257,7 @@ def _fmt_row(r: dict) -> str:
 def run_eval_command(args, make_engine) -> int:
     """``minadept eval``: one setting, or ``--sweep``. Prints a table / summary; ``--json`` puts a
     JSON object on the last stdout line."""
+    from .cli import set_threads
     from .engine import Engine
     from .model import Model
 
@@ -175,45 +266,70 @@ def run_eval_command(args, make_engine) -> int:
     if args.plot:
         check_plot_output(args.plot)
     model = Model.load(args.model)
+    set_threads(args, model)
     ids = read_token_stream(model.tokenizer, args.text, args.max_tokens)
+    n_scored = len(ids) - 1          # every token but the first is scored (see ``windows``)
     full = Engine(model)
     if not args.sweep:
         engine = make_engine(args, model)
-        ref = None if args.exit == "none" else reference_top1(full, ids)
-        res = evaluate(engine, ids, ref)
+        policy_run = args.exit != "none"
+        # progress over tokens (both passes for a policy run); disable=None: only on a terminal
+        with tqdm(total=n_scored * (2 if policy_run else 1), unit="tok", leave=False, disable=None,
+                  file=sys.stderr, desc="full depth" if policy_run else "eval") as bar:
+            if policy_run:
+                base, ref = full_depth_pass(full, ids, progress=bar)
+                bar.set_description(args.exit)
+                res = evaluate(engine, ids, ref, progress=bar)
+            else:
+                res = evaluate(engine, ids, None, progress=bar)
+                base = res
         res.setdefault("agreement", 1.0)
-        res.update(engine.policy.settings(), kv=engine.kv, kv_fill=engine.fill)
-        if args.exit == "adept":
-            res.update(exit_map="learned" if engine.exit_mapper else "identity",
-                       kv_map="learned" if engine.kv_maps is not None else "identity")
+        res["full_depth_ppl"] = base["ppl"]
+        res.update(engine.settings())
         if not args.json:
-            print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
+            n = res["tokens"]
+            print(f"perplexity {res['ppl']:.3f} over {n} token{'' if n == 1 else 's'} "
                   f"(nll {res['nll']:.4f} nats/token)")
-            if args.exit != "none":
-                print(f"agreement {res['agreement']:.4f}, mean exit layer {res['mean_exit_layer']:.2f}, "
-                      f"compute fraction {res['compute_fraction']:.4f}")
+            if policy_run:
+                print(f"full-depth perplexity {base['ppl']:.3f} (baseline, same tokens; this policy "
+                      f"{res['ppl'] / base['ppl'] - 1:+.2%})")
+                print(f"agreement {res['agreement']:.4f} (share of positions whose top-1 token equals "
+                      f"full depth's), mean exit layer {res['mean_exit_layer']:.2f} of {model.config.n_layer}, "
+                      f"compute fraction {res['compute_fraction']:.4f} (FLOPs / full depth's)")
         print(json.dumps(res) if args.json else "", end="\n" if args.json else "")
         return 0
-    ref = reference_top1(full, ids)
     rows = []
     from .exits.adept import ADEPT_FILE, adept_engine, load_adept
     from .exits.policies import make_policy
     shipped = (model.path / ADEPT_FILE).is_file()
     adept = load_adept(args.adept or model.path, model.config) if args.adept or shipped else None
+    settings = sweep_settings(model.config.n_layer, adept=adept is not None)
     print(f"{'exit':<11}{'setting':<14}{'ppl':>10}{'agreement':>11}{'mean_exit':>11}{'compute':>10}")
-    for name, kw in sweep_settings(model.config.n_layer, adept=adept is not None):
-        policy = make_policy(name, model.config, adept=adept, **kw)
-        if name == "adept":
-            eng = adept_engine(model, policy, adept, kv_map=args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
+    # progress over sweep points; disable=None: only on a terminal
+    bar = tqdm(settings, unit="pt", leave=False, disable=None, file=sys.stderr, desc="sweep")
+    ref = None
+    for name, kw in bar:
+        if name == "none":
+            # full depth is the reference: one pass gives both the row and the top-1 predictions
+            res, ref = full_depth_pass(full, ids)
         else:
-            eng = Engine(model, policy, kv=args.kv, fill=args.kv_fill)
-        res = evaluate(eng, ids, ref)
+            if ref is None:
+                ref = reference_top1(full, ids)
+            policy = make_policy(name, model.config, adept=adept, **kw)
+            if name == "adept":
+                eng = adept_engine(model, policy, adept, kv_map=args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
+            else:
+                eng = Engine(model, policy, kv=args.kv, fill=args.kv_fill)
+            res = evaluate(eng, ids, ref)
         res["exit"] = name
         res["setting"] = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold=", "tau=")
         rows.append(res)
-        print(_fmt_row(res), flush=True)
+        bar.write(_fmt_row(res), file=sys.stdout)
+        sys.stdout.flush()
+    bar.close()
     if args.plot:
-        plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {len(ids)} tokens")
+        n = rows[0]["tokens"] if rows else n_scored
+        plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {n} scored tokens")
     if args.json:
         print(json.dumps({"sweep": rows}))
     return 0

@@ -36,7 +36,24 @@ class Generation:
 def prepare_prompt(engine: Engine, prompt_ids) -> list[int]:
     """Empty prompt -> [<|endoftext|>]; a prompt longer than n_positions is an error (before any
     compute). Raises MinadeptError."""
-    ids = [int(i) for i in prompt_ids]
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+        raise MinadeptError(f"prompt_ids must be a sequence of integer token ids, got {type(prompt_ids).__name__} "
+                            "(encode text with model.tokenizer.encode)")
+    if not isinstance(prompt_ids, (list, tuple, np.ndarray)):
+        prompt_ids = list(prompt_ids)                    # any other iterable (a generator, a range ...)
+    try:
+        arr = np.asarray(prompt_ids)
+    except (ValueError, TypeError):                     # ragged nesting
+        raise MinadeptError("prompt_ids must be a 1-D sequence of token ids, got a ragged nested sequence") from None
+    if arr.ndim != 1:
+        raise MinadeptError(f"prompt_ids must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or (not isinstance(prompt_ids, np.ndarray)
+                                                    and not {bool, np.bool_}.isdisjoint(map(type, prompt_ids)))):
+        raise MinadeptError(f"prompt_ids must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
+    V = engine.config.vocab_size
+    if arr.size and (arr.min() < 0 or arr.max() >= V):
+        raise MinadeptError(f"token id out of range [0, {V}), got {arr[(arr < 0) | (arr >= V)][0]} in prompt_ids")
+    ids = arr.astype(np.int64, copy=False).tolist()
     if not ids:
         tok = engine.model.tokenizer
         if tok is None:
@@ -53,8 +70,21 @@ def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: Sampl
     """Generator of ``Step``s: prefill, then decode until ``<|endoftext|>`` (``eot_id``, which is
     yielded), ``max_new_tokens``, or a full context. Pass ``state`` to read ``stop_reason`` after.
     Raises MinadeptError for max_new_tokens < 0 or an over-long prompt."""
-    if max_new_tokens < 0:
-        raise MinadeptError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(engine, Engine):
+        raise MinadeptError(f"engine must be an Engine (Engine(model, policy)), got {type(engine).__name__}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise MinadeptError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(sampling, SamplingSettings):
+        raise MinadeptError(f"sampling must be a SamplingSettings, got {type(sampling).__name__}")
+    if not isinstance(rng, np.random.Generator):
+        raise MinadeptError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    V = engine.config.vocab_size
+    if eot_id is not None and (not isinstance(eot_id, (int, np.integer)) or isinstance(eot_id, bool)
+                               or not 0 <= eot_id < V):
+        raise MinadeptError(f"eot_id must be a token id in [0, {V}) or None, got {eot_id!r}")
+    if state is not None and not isinstance(state, Generation):
+        raise MinadeptError(f"state must be a Generation or None, got {type(state).__name__}")
+    max_new_tokens = int(max_new_tokens)
     ids = prepare_prompt(engine, prompt_ids)
     gen = state if state is not None else Generation(prompt_ids=ids)
     gen.prompt_ids = ids

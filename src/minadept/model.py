@@ -14,7 +14,7 @@ from .tokenizer import Tokenizer
 
 
 #: Models with more float32 weights than this (bytes) split their decode products over threads.
-DECODE_SPLIT_MODEL_BYTES = 64 << 20
+DECODE_SPLIT_MODEL_BYTES = backend.SMALL_MODEL_BYTES
 
 
 @dataclass
@@ -31,6 +31,14 @@ class Model:
 
         Raises MinadeptError for a missing directory, missing/corrupt files or shape mismatches.
         """
+        import os
+
+        from .errors import MinadeptError
+        if source is not None and (not isinstance(source, (str, os.PathLike)) or os.fspath(source) == ""):
+            raise MinadeptError(f"model source must be a directory path or a Hugging Face id (str or os.PathLike) "
+                                f"or None for the embedded model, got {type(source).__name__} {source!r}")
+        if not isinstance(tokenizer, (bool, np.bool_)):
+            raise MinadeptError(f"tokenizer must be a bool, got {type(tokenizer).__name__} {tokenizer!r}")
         path = resolve_model(source)
         config = GPT2Config.from_json(path / "config.json")
         tok = Tokenizer.from_dir(path) if tokenizer else None

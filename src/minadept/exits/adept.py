@@ -162,7 +162,16 @@ def load_adept(path, config) -> AdeptParams:
     tensor, or a tensor's shape (naming both shapes), dtype or values (NaN/inf) or the threshold
     (outside [0, 1]) is wrong.
     """
+    import os
+
     from safetensors import SafetensorError, safe_open
+
+    from ..config import GPT2Config
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+        raise MinadeptError(f"ADEPT policy path must be a file or directory path (str or os.PathLike), "
+                            f"got {type(path).__name__} {path!r}")
+    if not isinstance(config, GPT2Config):
+        raise MinadeptError(f"config must be a GPT2Config (model.config), got {type(config).__name__}")
     p = Path(path)
     if p.is_dir():
         p = p / ADEPT_FILE

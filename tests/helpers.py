@@ -1,9 +1,10 @@
-"""Shared helpers for the test suite: building GPT-2 checkpoints with transformers (random weights,
-real GPT-2 tokenizer), rewriting them into the variants real checkpoints show, and running the
-transformers reference (fp32) next to minadept.
+"""Shared helpers for the test suite: writing GPT-2 checkpoints in the Hugging Face layout with
+NumPy (random weights, real GPT-2 tokenizer; no torch), rewriting them into the variants real
+checkpoints show, locating the shared corpus, and (oracle extra only) building the same kind of
+checkpoint with transformers and running its reference (fp32) next to minadept.
 
-Heavy imports (torch, transformers) happen inside the functions so that test files that do not
-need them (CLI subprocess tests) stay light.
+Heavy imports (torch, transformers) happen inside the functions that need them, so every test
+outside the ``oracle`` marker runs without them.
 """
 from __future__ import annotations
 
@@ -55,7 +56,158 @@ def add_tokenizer(model_dir: Path) -> None:
     shutil.copyfile(data / "vocab.bpe", model_dir / "merges.txt")
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- shared corpus
+
+#: the corpus beside the repository (CI lays ``shared/`` next to the clone; a fresh clone has none)
+SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+def shared_corpus(*names: str) -> Path:
+    """The shared corpus directory, or skip the calling test naming what is missing."""
+    import pytest
+    for name in names or ("",):
+        p = SHARED_CORPUS / name
+        if not (p.is_file() if name else p.is_dir()):
+            pytest.skip(f"needs the shared corpus: {p} not present (CI lays ../shared/ beside the repository)")
+    return SHARED_CORPUS
+
+
+# ----------------------------------------------------------------------------- NumPy checkpoints
+
+def hf_config(shape: dict, **extra) -> dict:
+    """config.json as transformers' GPT2Config.save_pretrained writes it (HF field names)."""
+    d = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+         "bos_token_id": EOT_ID, "embd_pdrop": 0.1, "eos_token_id": EOT_ID, "initializer_range": 0.02,
+         "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_inner": None,
+         "reorder_and_upcast_attn": False, "resid_pdrop": 0.1, "scale_attn_by_inverse_layer_idx": False,
+         "scale_attn_weights": True, "summary_activation": None, "summary_first_dropout": 0.1,
+         "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+         "tie_word_embeddings": True, "torch_dtype": "float32", "use_cache": True}
+    d.update(shape)
+    d.update(extra)
+    return d
+
+
+def random_tensors(shape: dict, seed: int = 0, *, untied: bool = False) -> dict:
+    """fp32 GPT-2 weights under the names GPT2LMHeadModel.save_pretrained uses (``transformer.``
+    prefix; no ``lm_head.weight`` when tied). Gains, biases and weights all random, so no term of
+    the forward is trivially zero or one."""
+    rng = np.random.default_rng(seed)
+    C, V, P, L = shape["n_embd"], shape["vocab_size"], shape["n_positions"], shape["n_layer"]
+    r = shape.get("initializer_range", 0.02)
+
+    def w(*dims, s=r):
+        return (rng.standard_normal(dims) * s).astype(np.float32)
+
+    t = {"transformer.wte.weight": w(V, C), "transformer.wpe.weight": w(P, C, s=r / 2)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        t.update({p + "ln_1.weight": 1 + w(C, s=0.1), p + "ln_1.bias": w(C, s=0.05),
+                  p + "attn.c_attn.weight": w(C, 3 * C), p + "attn.c_attn.bias": w(3 * C, s=0.02),
+                  p + "attn.c_proj.weight": w(C, C), p + "attn.c_proj.bias": w(C, s=0.02),
+                  p + "ln_2.weight": 1 + w(C, s=0.1), p + "ln_2.bias": w(C, s=0.05),
+                  p + "mlp.c_fc.weight": w(C, 4 * C), p + "mlp.c_fc.bias": w(4 * C, s=0.02),
+                  p + "mlp.c_proj.weight": w(4 * C, C), p + "mlp.c_proj.bias": w(C, s=0.02)})
+    t["transformer.ln_f.weight"] = 1 + w(C, s=0.1)
+    t["transformer.ln_f.bias"] = w(C, s=0.05)
+    if untied:
+        t["lm_head.weight"] = w(V, C)
+    return t
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the bfloat16 bit patterns (uint16), round to nearest even (finite inputs)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write a safetensors file by its published layout (8-byte little-endian header size, JSON
+    header with dtype / shape / data_offsets, then the raw little-endian data), so any dtype
+    (here BF16) is written without torch and without depending on a library's raw API.
+    ``tensors``: name -> (dtype string such as "BF16", shape, bytes)."""
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def save_bf16(tensors: dict, path: Path) -> None:
+    """Write fp32 ``tensors`` as a BF16 safetensors file (rounded to nearest even), no torch."""
+    write_safetensors(path, {k: ("BF16", v.shape, round_bf16(v).astype("<u2").tobytes())
+                             for k, v in tensors.items()}, {"format": "pt"})
+
+
+def write_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", seed: int = 0) -> dict:
+    """Write a random GPT-2 checkpoint of ``shape`` in form ``variant`` to ``model_dir`` with NumPy
+    only, in the layout transformers writes (config.json, model.safetensors or shards + index,
+    vocab.json + merges.txt). Returns the fp32 tensors as written for ``plain`` (HF names): every
+    variant of one seed holds the same model, up to the dtype rounding of fp16/bf16.
+
+    Variants as in ``build_checkpoint``: plain, legacy, sharded, fp16, bf16, gelu, lm_head_tied,
+    lm_head_untied.
+    """
+    from safetensors.numpy import save_file
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant}")
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if variant == "gelu":
+        extra["activation_function"] = "gelu"
+    if variant == "lm_head_untied":
+        extra["tie_word_embeddings"] = False
+    if variant in ("fp16", "bf16"):
+        extra["torch_dtype"] = "float16" if variant == "fp16" else "bfloat16"
+    (model_dir / "config.json").write_text(json.dumps(hf_config(shape, **extra), indent=2))
+    master = random_tensors(shape, seed, untied=variant == "lm_head_untied")
+    t = dict(master)
+    st = model_dir / "model.safetensors"
+    meta = {"format": "pt"}
+    if variant == "legacy":
+        t = {k.removeprefix("transformer."): v for k, v in t.items()}
+        n_pos = shape["n_positions"]
+        mask = np.tril(np.ones((n_pos, n_pos), dtype=np.float32))[None, None]
+        for i in range(shape["n_layer"]):
+            t[f"h.{i}.attn.bias"] = mask
+            t[f"h.{i}.attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
+    elif variant == "lm_head_tied":
+        t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+    if variant == "fp16":
+        save_file({k: v.astype(np.float16) for k, v in t.items()}, str(st), metadata=meta)
+    elif variant == "bf16":
+        save_bf16(t, st)
+    elif variant == "sharded":
+        names = list(t)
+        half = len(names) // 2
+        parts = [names[:half], names[half:]]
+        files = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for part, f in zip(parts, files):
+            save_file({k: t[k] for k in part}, str(model_dir / f), metadata=meta)
+        index = {"metadata": {"total_size": int(sum(v.nbytes for v in t.values()))},
+                 "weight_map": {k: f for part, f in zip(parts, files) for k in part}}
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    else:
+        save_file(t, str(st), metadata=meta)
+    add_tokenizer(model_dir)
+    return master
+
+
+# ----------------------------------------------------------------------------- torch checkpoints (oracle)
 
 def _torch_model(seed: int, shape: dict, **extra):
     import torch
@@ -148,9 +300,11 @@ def build_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", se
 
 @dataclass
 class Checkpoint:
-    """A checkpoint on disk plus its transformers reference; the minadept Model loads lazily."""
+    """A checkpoint on disk; ``tensors`` are its fp32 weights as written (NumPy checkpoints) and
+    ``ref`` its transformers model (torch-built checkpoints only). The minadept Model loads lazily."""
     path: Path
-    ref: object                     # transformers GPT2LMHeadModel (fp32)
+    ref: object = None              # transformers GPT2LMHeadModel (fp32), torch-built only
+    tensors: dict | None = None     # HF names -> fp32 arrays, NumPy-written only
     _model: object = field(default=None, repr=False)
 
     @property
@@ -162,18 +316,24 @@ class Checkpoint:
 
 
 class CheckpointFactory:
-    """Builds checkpoints on demand under one directory and caches them for the session."""
+    """Builds checkpoints on demand under one directory and caches them for the session: written
+    with NumPy (default, no torch) or, with ``torch=True``, saved by transformers with the
+    transformers model kept as the reference (oracle tests)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, torch: bool = False):
         self.root = Path(root)
+        self.torch = torch
         self._cache: dict = {}
 
     def get(self, name: str, *, shape: dict, variant: str = "plain", seed: int = 0) -> Checkpoint:
         key = (name, variant, seed)
         if key not in self._cache:
             path = self.root / f"{name}-{variant}-{seed}"
-            ref = build_checkpoint(path, shape=shape, variant=variant, seed=seed)
-            self._cache[key] = Checkpoint(path=path, ref=ref)
+            if self.torch:
+                ckpt = Checkpoint(path=path, ref=build_checkpoint(path, shape=shape, variant=variant, seed=seed))
+            else:
+                ckpt = Checkpoint(path=path, tensors=write_checkpoint(path, shape=shape, variant=variant, seed=seed))
+            self._cache[key] = ckpt
         return self._cache[key]
 
 

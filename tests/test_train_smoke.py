@@ -1,5 +1,6 @@
 """Issue 3: a 20-step smoke run of weights/train.py on a small slice of text produces a Hugging Face
-GPT-2 directory that minadept loads and that transformers agrees with."""
+GPT-2 directory that minadept loads and that transformers agrees with. weights/train.py needs torch:
+these run under the ``oracle`` marker (the oracle extra) and need the shared corpus."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import shared_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+pytestmark = pytest.mark.oracle
 
 
 @pytest.mark.smoke
 def test_train_smoke_20_steps(tmp_path):
-    if not (CORPUS / "train.txt").is_file():
-        pytest.skip("../shared/corpus not present")
+    CORPUS = shared_corpus("train.txt", "valid.txt")
     out = tmp_path / "m"
     cmd = [sys.executable, str(ROOT / "weights" / "train.py"), "--train", str(CORPUS / "train.txt"),
            "--valid", str(CORPUS / "valid.txt"), "--out", str(out), "--steps", "20",
@@ -60,8 +62,7 @@ def test_early_exit_fine_tune_lowers_the_intermediate_loss(tmp_path):
     """--init continues from a checkpoint; --exit-loss-weight adds the loss of exiting after an
     intermediate block (LayerSkip-style). From the same start, seed and batches, a run with the
     exit loss ends with a lower held-out loss at layer 1 than a run without it."""
-    if not (CORPUS / "train.txt").is_file():
-        pytest.skip("../shared/corpus not present")
+    CORPUS = shared_corpus("train.txt", "valid.txt")
     base = [sys.executable, str(ROOT / "weights" / "train.py"), "--train", str(CORPUS / "train.txt"),
             "--valid", str(CORPUS / "valid.txt"), "--batch-size", "4", "--max-train-bytes", "200000",
             "--max-valid-bytes", "50000", "--eval-windows", "4", "--seed", "3"]

@@ -164,13 +164,8 @@ def write_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", se
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant}")
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    extra = {}
-    if variant == "gelu":
-        extra["activation_function"] = "gelu"
-    if variant == "lm_head_untied":
-        extra["tie_word_embeddings"] = False
+    model_dir = _empty_dir(model_dir)
+    extra = _config_extra(variant)
     if variant in ("fp16", "bf16"):
         extra["torch_dtype"] = "float16" if variant == "fp16" else "bfloat16"
     (model_dir / "config.json").write_text(json.dumps(hf_config(shape, **extra), indent=2))
@@ -234,6 +229,22 @@ def _rewrite_numpy(path: Path, fn) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def _empty_dir(model_dir) -> Path:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir
+
+
+def _config_extra(variant: str) -> dict:
+    """config.json fields that a checkpoint variant changes."""
+    extra = {}
+    if variant == "gelu":
+        extra["activation_function"] = "gelu"
+    if variant == "lm_head_untied":
+        extra["tie_word_embeddings"] = False
+    return extra
+
+
 def build_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", seed: int = 0):
     """Write a GPT-2 checkpoint of ``shape`` in form ``variant`` to ``model_dir`` and return the
     transformers model (fp32, eval mode) whose outputs minadept must reproduce.
@@ -245,14 +256,8 @@ def build_checkpoint(model_dir: Path, *, shape: dict, variant: str = "plain", se
     """
     import torch
 
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    extra = {}
-    if variant == "gelu":
-        extra["activation_function"] = "gelu"
-    if variant == "lm_head_untied":
-        extra["tie_word_embeddings"] = False
-    model = _torch_model(seed, shape, **extra)
+    model_dir = _empty_dir(model_dir)
+    model = _torch_model(seed, shape, **_config_extra(variant))
     if variant == "sharded":
         model.save_pretrained(model_dir, max_shard_size="1MB" if shape["n_embd"] < 256 else "100MB")
         shards = list(model_dir.glob("*.safetensors"))

@@ -47,6 +47,25 @@ class ForwardResult:
                    + self.propagation_flops)
 
 
+def token_ids(ids, vocab_size: int, name: str = "ids") -> np.ndarray:
+    """``ids`` (a 1-D sequence or array of integer token ids, possibly empty) as int64 [T].
+    Raises MinadeptError for another shape, a non-integer (float, bool, str) or an id outside
+    [0, vocab_size), naming ``name``."""
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):          # ragged nesting
+        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got a ragged nested sequence") from None
+    if arr.ndim != 1:
+        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got {type(ids).__name__} of shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or (not isinstance(ids, np.ndarray)       # [1, True] -> int64
+                                                    and not {bool, np.bool_}.isdisjoint(map(type, ids)))):
+        raise MinadeptError(f"{name} must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise MinadeptError(f"token id out of range [0, {vocab_size}), got {bad} in {name}")
+    return arr.astype(np.int64, copy=False)
+
+
 def _freeze_exited(hidden: np.ndarray, exit_layers: np.ndarray) -> None:
     """Recorded states [n_layer+1, T, C], in place: a token that exited at layer k holds h_k in
     every later entry (the dump format's promise), whatever ran after its exit (the ``oracle`` KV
@@ -241,21 +260,9 @@ class Engine:
             raise MinadeptError(f"record_hidden must be a bool, got {type(record_hidden).__name__} {record_hidden!r}")
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise MinadeptError(f"step must be an integer >= 0, got {step!r}")
-        try:
-            arr = np.asarray(ids)
-        except (ValueError, TypeError):          # ragged nesting
-            raise MinadeptError("ids must be a 1-D sequence of token ids, got a ragged nested sequence") from None
-        if arr.ndim != 1:
-            raise MinadeptError(f"ids must be a 1-D sequence of token ids, got {type(ids).__name__} of shape {arr.shape}")
-        if arr.size == 0:
+        ids = token_ids(ids, cfg.vocab_size)
+        if ids.size == 0:
             raise MinadeptError("no tokens to run")
-        if arr.dtype.kind not in "iu" or (isinstance(ids, (list, tuple))       # [1, True] -> int64
-                                          and not {bool, np.bool_}.isdisjoint(map(type, ids))):
-            raise MinadeptError(f"ids must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
-        if arr.min() < 0 or arr.max() >= cfg.vocab_size:
-            bad = arr[(arr < 0) | (arr >= cfg.vocab_size)][0]
-            raise MinadeptError(f"token id out of range [0, {cfg.vocab_size}), got {bad}")
-        ids = arr.astype(np.int64, copy=False)
         T, p0 = len(ids), cache.length
         end = p0 + T
         if end > cache.n_ctx:

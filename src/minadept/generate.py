@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, ForwardResult
+from .engine import Engine, ForwardResult, token_ids
 from .errors import MinadeptError
 from .sampling import SamplingSettings, sample
 
@@ -41,19 +41,7 @@ def prepare_prompt(engine: Engine, prompt_ids) -> list[int]:
                             "(encode text with model.tokenizer.encode)")
     if not isinstance(prompt_ids, (list, tuple, np.ndarray)):
         prompt_ids = list(prompt_ids)                    # any other iterable (a generator, a range ...)
-    try:
-        arr = np.asarray(prompt_ids)
-    except (ValueError, TypeError):                     # ragged nesting
-        raise MinadeptError("prompt_ids must be a 1-D sequence of token ids, got a ragged nested sequence") from None
-    if arr.ndim != 1:
-        raise MinadeptError(f"prompt_ids must be a 1-D sequence of token ids, got shape {arr.shape}")
-    if arr.size and (arr.dtype.kind not in "iu" or (not isinstance(prompt_ids, np.ndarray)
-                                                    and not {bool, np.bool_}.isdisjoint(map(type, prompt_ids)))):
-        raise MinadeptError(f"prompt_ids must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
-    V = engine.config.vocab_size
-    if arr.size and (arr.min() < 0 or arr.max() >= V):
-        raise MinadeptError(f"token id out of range [0, {V}), got {arr[(arr < 0) | (arr >= V)][0]} in prompt_ids")
-    ids = arr.astype(np.int64, copy=False).tolist()
+    ids = token_ids(prompt_ids, engine.config.vocab_size, "prompt_ids").tolist()
     if not ids:
         tok = engine.model.tokenizer
         if tok is None:

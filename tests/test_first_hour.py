@@ -200,3 +200,44 @@ def test_generate_json_has_the_policy_settings():
     r = run_cli("generate", "Hi", "--exit", "fixed", "--exit-layer", "5", "--max-new-tokens", "2", "--json")
     s = _summary(r.stderr)
     assert s["exit"] == "fixed" and s["exit_layer"] == 5 and set(s["exit_layers"]) == {5}
+
+
+def test_json_reports_the_sampling_settings_and_a_seed_that_repeats_the_run():
+    r = run_cli("generate", "Once upon a time", "--max-new-tokens", "12", "--json")
+    s = _summary(r.stderr)
+    assert (s["temperature"], s["top_k"], s["top_p"]) == (0.8, 40, 1.0) and isinstance(s["seed"], int)
+    again = run_cli("generate", "Once upon a time", "--max-new-tokens", "12", "--seed", str(s["seed"]), "--json")
+    assert again.stdout == r.stdout and _summary(again.stderr)["seed"] == s["seed"]
+
+
+def test_decay_schedule_settings_do_not_collide_with_sampling_temperature():
+    r = run_cli("generate", "Hi", "--exit", "saturation", "--schedule", "decay", "--temperature", "0",
+                "--max-new-tokens", "2", "--json")
+    s = _summary(r.stderr)
+    assert s["temperature"] == 0.0 and s["schedule"] == "decay"
+    assert s["schedule_temperature"] == 4.0 and s["schedule_horizon"] == 2
+
+
+def test_more_threads_than_cores_is_an_error():
+    r = run_cli("generate", "Hi", "--threads", str(backend.available_cores() + 1))
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: --threads must be in [1, ") and r.stderr.count("\n") == 1
+
+
+def test_the_json_beside_a_calibration_is_not_taken_for_it():
+    json_path = Model.load().path / "adept.json"
+    r = run_cli("generate", "Hi", "--exit", "adept", "--adept", json_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert "not the .json written beside it" in r.stderr
+
+
+def test_tokenizer_rejects_what_it_cannot_encode_or_decode(embedded):
+    from minadept.errors import MinadeptError
+    tok = embedded.tokenizer
+    with pytest.raises(MinadeptError, match="token id out of range"):
+        tok.decode([1, 99999])
+    with pytest.raises(MinadeptError, match="must be integer token ids"):
+        tok.decode([1.5])
+    with pytest.raises(MinadeptError, match="text to encode must be a str, got int"):
+        tok.encode(123)
+    assert tok.decode(tok.encode("Once upon a time")) == "Once upon a time"

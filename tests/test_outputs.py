@@ -128,6 +128,7 @@ def test_calibrate_creates_nested_out_directory_and_removes_it_on_failure(small_
     ("{file}/x.safetensors", "output directory does not exist"),
     ("/proc/minadept-x.safetensors", "cannot write"),
     ("x.json", "must name a .safetensors file or a directory"),
+    ("{file}-cal.npz", "looks like a file name"),
     ("", "--out is empty"),
 ])
 def test_unusable_calibrate_out_fails_before_any_work(small_dir, text_file, tmp_path, out, msg):

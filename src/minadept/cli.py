@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_threads(n):
-    if n is not None and n < 1:
-        raise MinadeptError(f"--threads must be >= 1, got {n}")
+    from .backend import available_cores
+    if n is not None and not 1 <= n <= available_cores():
+        raise MinadeptError(f"--threads must be in [1, {available_cores()}] (the cores available), got {n}")
 
 
 def set_threads(args, model) -> int:
@@ -227,7 +228,8 @@ def cmd_generate(args) -> int:
     tok = model.tokenizer
     ids = tok.encode(prompt)
     state = Generation(prompt_ids=ids)
-    rng = np.random.default_rng(args.seed)
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    rng = np.random.default_rng(seed)          # the seed is reported: any run can be repeated
     out = sys.stdout
     mode = args.show_exits
     if mode == "auto":
@@ -266,13 +268,14 @@ def cmd_generate(args) -> int:
     out.flush()
     if state.stop_reason == "context_full":
         print(f"stopped: the context is full ({model.config.n_positions} tokens, n_positions)", file=sys.stderr)
-    _summary(args, engine, state, dict(prefill=t_prefill, first=t_first, decode=t_decode, threads=threads))
+    _summary(args, engine, state, dict(prefill=t_prefill, first=t_first, decode=t_decode, threads=threads),
+             dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed))
     if state.stop_reason == "interrupted":
         raise KeyboardInterrupt
     return 0
 
 
-def _summary(args, engine, state, t):
+def _summary(args, engine, state, t, sampling):
     results = ([state.prompt_result] if state.prompt_result else []) + state.decode_results
     n_decode = len(state.decode_results)
     exit_layers = [int(r.exit_layers[-1]) for r in results]
@@ -292,7 +295,7 @@ def _summary(args, engine, state, t):
     }
     if state.prompt_result is not None:
         s["prompt_exit_layers"] = [int(x) for x in state.prompt_result.exit_layers]
-    s.update(engine.settings())
+    s.update(engine.settings(), **sampling)
     if args.json:
         print(json.dumps(s), file=sys.stderr)
         return
@@ -447,6 +450,9 @@ def _calibrate_output(out_arg, model_path, force: bool):
             if out.suffix == ".json":
                 raise MinadeptError(f"--out must name a .safetensors file or a directory, got {out.name} "
                                     f"(the .json beside it is written too)")
+            if not out.exists() and out.suffix not in ("", ".safetensors") and not out_arg.endswith(("/", os.sep)):
+                raise MinadeptError(f"--out {out_arg!r} looks like a file name: give a .safetensors file name, "
+                                    f"or a directory (end it with / to create one named so)")
             if out.is_dir() or out_arg.endswith(("/", os.sep)) or (not out.exists() and out.suffix != ".safetensors"):
                 if not out.exists():
                     created = out

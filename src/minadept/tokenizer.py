@@ -51,12 +51,18 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Text -> token ids (``<|endoftext|>`` in the text becomes the special token)."""
+        """Text -> token ids (``<|endoftext|>`` in the text becomes the special token).
+        Raises MinadeptError when ``text`` is not a str."""
+        if not isinstance(text, str):
+            raise MinadeptError(f"text to encode must be a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        """Token ids -> text; incomplete UTF-8 at the end becomes U+FFFD (HF behaviour)."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        """Token ids -> text; incomplete UTF-8 at the end becomes U+FFFD (HF behaviour).
+        Raises MinadeptError for ids that are not integers in [0, vocab_size) (the tokenizers
+        library would silently drop them)."""
+        from .engine import token_ids
+        return self._tok.decode(token_ids(ids, self.vocab_size).tolist(), skip_special_tokens=False)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)

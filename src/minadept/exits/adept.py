@@ -182,7 +182,9 @@ def load_adept(path, config) -> AdeptParams:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise MinadeptError(f"cannot read ADEPT policy file {p}: {e}") from None
+        hint = (f" (pass {ADEPT_FILE} or its directory, not the .json written beside it)" if p.suffix == ".json"
+                else f" (expected {ADEPT_FILE} from minadept calibrate)")
+        raise MinadeptError(f"cannot read ADEPT policy file {p}: not a safetensors file{hint}") from None
     if "format_version" not in meta or "exit_w" not in tensors:
         raise MinadeptError(f"{p} is not an ADEPT policy file (written by minadept calibrate)")
     if meta.get("format_version") != FORMAT_VERSION:

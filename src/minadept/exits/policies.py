@@ -134,7 +134,8 @@ class ThresholdPolicy(Policy):
     def settings(self):
         s = {"exit": self.name, "min_exit_layer": self.min_exit_layer, "threshold": self.schedule.tau}
         if isinstance(self.schedule, Decay):
-            s.update(schedule="decay", horizon=self.schedule.horizon, temperature=self.schedule.temperature)
+            s.update(schedule="decay", schedule_horizon=self.schedule.horizon,
+                     schedule_temperature=self.schedule.temperature)
         return s
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minadept import nn
+from minadept import reference as nn
 from minadept.engine import Engine
 from minadept.errors import MinadeptError
 from minadept.exits.adept import (AdeptParams, load_adept, n_pairs, pair_index, policy_features,
@@ -71,7 +71,7 @@ def test_kv_maps_fit_better_than_copying_the_exit_state():
     for k in range(1, L):
         n_k = nn.normalize(H[k], 1e-5)
         for l in range(k + 1, L):
-            p = pair_index(k, l, L)
+            p = pair_index(k, l + 1, L)                 # H[l] is the input of block l+1
             target = nn.normalize(H[l], 1e-5)
             err_map = ((n_k + n_k @ U[p] @ V[p] + c[p] - target) ** 2).mean()
             err_copy = ((n_k - target) ** 2).mean()
@@ -80,18 +80,18 @@ def test_kv_maps_fit_better_than_copying_the_exit_state():
 
 def test_pair_index_is_a_bijection():
     for n_layer in (2, 3, 4, 12):
-        idx = [pair_index(k, l, n_layer) for k in range(1, n_layer) for l in range(k + 1, n_layer)]
+        idx = [pair_index(k, b, n_layer) for k in range(1, n_layer) for b in range(k + 2, n_layer + 1)]
         assert idx == list(range(n_pairs(n_layer)))
 
 
 def test_kv_map_formula_and_identity_at_the_exit_block(params):
     rng = np.random.default_rng(2)
     h = rng.standard_normal((5, MODEL.config.n_embd)).astype(np.float32)
-    out = params.kv_map(1, h, np.arange(1, L))
+    out = params.kv_map(1, h)                                    # blocks 2..L
     n = nn.normalize(h, 1e-5)
     np.testing.assert_allclose(out[0], n, rtol=0, atol=1e-6)        # block 2 reads h_1 itself
-    for i, l in enumerate(range(2, L), start=1):
-        p = pair_index(1, l, L)
+    for i, b in enumerate(range(3, L + 1), start=1):
+        p = pair_index(1, b, L)
         np.testing.assert_allclose(out[i], n + n @ params.kv_u[p] @ params.kv_v[p] + params.kv_c[p],
                                    rtol=1e-5, atol=1e-5)
 
@@ -197,14 +197,11 @@ def test_folded_kv_maps_equal_map_then_propagate(params, k):
     layer: the same K/V as applying them one after the other (float32 rounding apart)."""
     rng = np.random.default_rng(k)
     h = (rng.standard_normal((6, MODEL.config.n_embd)) * 3).astype(np.float32)
-    layers = np.arange(k, L)
-    ref = propagate_kv_mapped(MODEL, params.kv_map(k, h, layers), layers)      # [M, 2, H, N, D]
-    got = StackedKV(MODEL, params).propagate(h, k)                              # [N, M, 2C]
-    H, D = MODEL.config.n_head, MODEL.config.head_dim
-    got = got.reshape(6, len(layers), 2, H, D).transpose(1, 2, 3, 0, 4)
+    ref = propagate_kv_mapped(MODEL, params.kv_map(k, h), k)                    # [M, 2, H, N, D]
+    got = StackedKV(MODEL, params).propagate(h, k)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    one = StackedKV(MODEL, params).propagate(h, k, layer=L - 1).reshape(6, 2, H, D).transpose(1, 2, 0, 3)
-    np.testing.assert_allclose(one, ref[-1], rtol=1e-4, atol=1e-4)
+    one = StackedKV(MODEL, params).propagate_block(h, np.full(6, k), L)         # the last block alone
+    np.testing.assert_allclose(one, ref[-1:], rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- calibration

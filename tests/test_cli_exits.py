@@ -71,7 +71,7 @@ def test_dump_with_policy_records_exits_and_propagated_kv(tmp_path):
     assert pol["exit"] == "fixed" and pol["exit_layer"] == 4 and pol["kv_fill"] == "lazy"
     m = Model.load(None)
     L = m.config.n_layer
-    kv = propagate_kv(m, d["hidden_states"][4], np.arange(4, L))
+    kv = propagate_kv(m, d["hidden_states"][4], 4)
     np.testing.assert_allclose(d["kv"][4:], kv, rtol=1e-5, atol=1e-5)
     expect = Engine(m).predict(d["hidden_states"][4], 4)
     np.testing.assert_allclose(d["logits"], expect, rtol=1e-5, atol=1e-5)

@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minadept import backend, nn
+from minadept import backend
+from minadept import reference as R
 from minadept.engine import Engine
 from minadept.errors import MinadeptError
 from minadept.exits.policies import (Confidence, Constant, ExitState, Fixed, Margin, NoExit, Policy,
                                      Saturation, make_policy)
-from minadept.exits.propagate import StackedKV, propagate_kv, propagate_kv_loop, write_propagated, write_stacked
+from minadept.exits.propagate import StackedKV, propagate_kv, propagate_kv_loop, write_propagated
 
 from randmodel import random_model
 
@@ -109,9 +110,9 @@ def test_cli_policy_settings_that_never_exit():
 def test_batched_propagation_equals_loop_and_formula(n, k, seed):
     rng = np.random.default_rng(seed)
     h = (rng.standard_normal((n, MODEL.config.n_embd)) * rng.uniform(0.1, 10)).astype(np.float32)
-    layers = np.arange(k, L)
-    got = propagate_kv(MODEL, h, layers)
-    loop = propagate_kv_loop(MODEL, h, layers)
+    layers = np.arange(k, L)                      # 0-based indices of blocks k+1..L
+    got = propagate_kv(MODEL, h, k)
+    loop = propagate_kv_loop(MODEL, h, k)
     C, H, D = MODEL.config.n_embd, MODEL.config.n_head, MODEL.config.head_dim
     # the formula by hand: LayerNorm in float64, K/V columns of c_attn
     hand = np.empty((len(layers), 2, H, n, D))
@@ -134,24 +135,23 @@ def test_batched_propagation_equals_loop_and_formula(n, k, seed):
 def test_stacked_propagation_equals_batched(n, k, seed):
     """The engine's folded form (ln_1 affine and K/V columns in one matrix per exit layer) gives
     propagate_kv's K/V for all skipped blocks at once and for one block (lazy fill), and
-    write_stacked stores them where write_propagated does."""
+    write_propagated stores block l's K/V of the tokens at their positions of layer l."""
     rng = np.random.default_rng(seed)
     h = (rng.standard_normal((n, MODEL.config.n_embd)) * rng.uniform(0.1, 10)).astype(np.float32)
-    layers = np.arange(k, L)
-    ref = propagate_kv(MODEL, h, layers)                                   # [M, 2, H, N, D]
+    ref = propagate_kv(MODEL, h, k)                                        # [M, 2, H, N, D]
     st_kv = StackedKV(MODEL)
-    got = st_kv.propagate(h, k)                                            # [N, M, 2C]
-    H, D = MODEL.config.n_head, MODEL.config.head_dim
-    np.testing.assert_allclose(got.reshape(n, len(layers), 2, H, D).transpose(1, 2, 3, 0, 4), ref,
-                               rtol=1e-4, atol=1e-4)
-    one = st_kv.propagate(h, 0, layer=L - 1)                               # any k: identity
-    np.testing.assert_allclose(one.reshape(n, 2, H, D).transpose(1, 2, 0, 3), ref[-1], rtol=1e-4, atol=1e-4)
+    got = st_kv.propagate(h, k)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    one = st_kv.propagate_block(h, np.full(n, k), L)                       # the last block alone
+    np.testing.assert_allclose(one, ref[-1:], rtol=1e-4, atol=1e-4)
     pos = np.sort(rng.choice(20, size=n, replace=False))
-    a, b = Engine(MODEL).new_cache(20), Engine(MODEL).new_cache(20)
-    write_propagated(a, layers, pos, ref)
-    write_stacked(b, layers, pos, got)
-    np.testing.assert_allclose(b.kv, a.kv, rtol=1e-4, atol=1e-4)
-    assert np.count_nonzero(b.kv) == np.count_nonzero(a.kv) > 0
+    cache = Engine(MODEL).new_cache(20)
+    write_propagated(cache, k + 1, pos, got)
+    for i, l in enumerate(range(k, L)):                                    # by hand, position by position
+        for j, p in enumerate(pos):
+            np.testing.assert_array_equal(cache.kv[l][:, :, p], got[i][:, :, j])
+    assert np.count_nonzero(cache.kv[:k]) == 0
+    assert np.count_nonzero(cache.kv) == np.count_nonzero(got) > 0
 
 
 def test_propagated_kv_is_what_the_cache_holds():
@@ -159,7 +159,7 @@ def test_propagated_kv_is_what_the_cache_holds():
     eng = Engine(MODEL, Fixed(2))
     cache = eng.new_cache()
     r = eng.forward(PROMPT, cache, record_hidden=True)
-    kv = propagate_kv(MODEL, r.hidden[2], np.arange(2, L))
+    kv = propagate_kv(MODEL, r.hidden[2], 2)
     np.testing.assert_allclose(cache.kv[2:L, :, :, :len(PROMPT)], kv, rtol=1e-5, atol=1e-5)
 
 
@@ -217,7 +217,7 @@ def test_exit_at_k_predicts_from_ln_f_of_h_k(k):
     r = eng.forward(PROMPT, eng.new_cache(), all_logits=True, record_hidden=True)
     assert (r.exit_layers == k).all()
     p = MODEL.params
-    expect = nn.layer_norm(r.hidden[k], p.ln_f_g, p.ln_f_b, MODEL.config.layer_norm_epsilon) @ p.wte.T
+    expect = R.layer_norm(r.hidden[k], p.ln_f_g, p.ln_f_b, MODEL.config.layer_norm_epsilon) @ p.wte.T
     np.testing.assert_allclose(r.logits, expect, rtol=1e-5, atol=1e-5)
     # and h_k is the true block-k output: the full model's hidden state at k
     full = Engine(MODEL).forward(PROMPT, Engine(MODEL).new_cache(), all_logits=True, record_hidden=True)

@@ -12,7 +12,8 @@ import pytest
 
 from helpers import TINY, add_tokenizer, bf16_to_f32, max_abs, round_bf16, write_safetensors
 
-from minadept import nn
+from minadept import backend
+from minadept import reference as R
 from minadept.checkpoint import params_from_tensors, read_tensors, resolve_model
 from minadept.config import ACTIVATIONS, GPT2Config
 from minadept.errors import MinadeptError
@@ -31,7 +32,7 @@ BASE = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=128)
 def test_activation_names_map_to_gelu_form(act, form):
     cfg = GPT2Config.from_dict(dict(BASE, activation_function=act))
     assert cfg.gelu == form and cfg.activation_function == act
-    assert nn.GELU[cfg.gelu] is (nn.gelu_tanh if form == "tanh" else nn.gelu_erf)
+    assert R.GELU[cfg.gelu] is (R.gelu_tanh if form == "tanh" else R.gelu_erf)
 
 
 def test_activation_map_is_exactly_the_supported_set():
@@ -125,7 +126,7 @@ GELU_TANH_ATOL = 1e-6
 
 
 def test_gelu_erf_matches_float64_reference(xs, gelu_erf64):
-    ours = nn.gelu_erf(xs)
+    ours = R.gelu_erf(xs)
     assert ours.dtype == np.float32 and ours.shape == xs.shape
     d = max_abs(ours, gelu_erf64)
     assert d <= GELU_ERF_ATOL, f"gelu_erf vs float64 math.erf GELU: max abs diff {d:.3g}"
@@ -137,7 +138,7 @@ def test_gelu_erf_and_torch_gelu_both_match_float64(xs, gelu_erf64):
     compared with the float64 reference rather than with each other."""
     import torch
     ref = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()
-    d_ours, d_torch = max_abs(nn.gelu_erf(xs), gelu_erf64), max_abs(ref, gelu_erf64)
+    d_ours, d_torch = max_abs(R.gelu_erf(xs), gelu_erf64), max_abs(ref, gelu_erf64)
     assert d_ours <= GELU_ERF_ATOL, f"gelu_erf vs float64: {d_ours:.3g}"
     assert d_torch <= 2e-6, f"torch gelu vs float64: {d_torch:.3g}"
 
@@ -145,12 +146,12 @@ def test_gelu_erf_and_torch_gelu_both_match_float64(xs, gelu_erf64):
 def test_erf_is_accurate():
     x = np.linspace(-6, 6, 20001)
     ref = np.array([math.erf(v) for v in x])
-    d = float(np.abs(nn.erf(x.astype(np.float32)).astype(np.float64) - ref).max())
+    d = float(np.abs(R.erf(x.astype(np.float32)).astype(np.float64) - ref).max())
     assert d <= 3e-7, f"erf: max abs diff {d:.3g}"
 
 
 def test_gelu_tanh_matches_float64_reference(xs):
-    ours = nn.gelu_tanh(xs)
+    ours = backend.gelu(xs, "tanh")
     assert ours.dtype == np.float32
     d = max_abs(ours, gelu_tanh64(xs))
     assert d <= GELU_TANH_ATOL, f"gelu_tanh vs float64 tanh formula: max abs diff {d:.3g}"
@@ -159,14 +160,14 @@ def test_gelu_tanh_matches_float64_reference(xs):
 @oracle
 def test_gelu_tanh_matches_torch_tanh_gelu(xs):
     import torch
-    ours = nn.gelu_tanh(xs)
+    ours = backend.gelu(xs, "tanh")
     ref = torch.nn.functional.gelu(torch.from_numpy(xs), approximate="tanh").numpy()
     d = float(np.abs(ours - ref).max())
     assert d <= 2e-6, f"gelu_tanh vs torch approximate='tanh': max abs diff {d:.3g}"
 
 
 def test_gelu_forms_really_differ(xs):
-    assert np.abs(nn.gelu_erf(xs) - nn.gelu_tanh(xs)).max() > 1e-4
+    assert np.abs(R.gelu_erf(xs) - backend.gelu(xs, "tanh")).max() > 1e-4
 
 
 LN_CASES = [((7, 64), 0.0, 1e-5), ((3, 5, 768), 0.0, 1e-5), ((4, 64), 100.0, 1e-5), ((2, 32), 0.0, 1e-3)]
@@ -187,7 +188,7 @@ def test_layer_norm_matches_float64(shape, offset, eps):
     mu = x64.mean(-1, keepdims=True)
     var = ((x64 - mu) ** 2).mean(-1, keepdims=True)          # biased, as GPT-2 / torch
     ref = (x64 - mu) / np.sqrt(var + eps) * g + b
-    ours = nn.layer_norm(x, g, b, eps)
+    ours = backend.layer_norm(x, g, b, eps)
     assert ours.dtype == np.float32 and ours.shape == x.shape
     d = max_abs(ours, ref)
     assert d <= 2e-5, f"layer_norm vs float64: max abs diff {d:.3g}"
@@ -198,7 +199,7 @@ def test_layer_norm_matches_float64(shape, offset, eps):
 def test_layer_norm_matches_torch(shape, offset, eps):
     import torch
     x, g, b = _ln_inputs(shape, offset)
-    ours = nn.layer_norm(x, g, b, eps)
+    ours = backend.layer_norm(x, g, b, eps)
     ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (shape[-1],), torch.from_numpy(g),
                                          torch.from_numpy(b), eps).numpy()
     d = float(np.abs(ours - ref).max())
@@ -217,10 +218,10 @@ def test_causal_attention_matches_float64():
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
-    ours = nn.attention(q, k, v, np.arange(T))
+    ours = backend.attention(q, k, v, np.arange(T))
     d = max_abs(ours, ref)
     assert d <= 1e-5, f"attention vs float64 softmax(q k^T / sqrt(d)) v: max abs diff {d:.3g}"
-    part = nn.attention(q[:, 5:], k, v, np.arange(5, T))     # decode / chunked prefill
+    part = backend.attention(q[:, 5:], k, v, np.arange(5, T))     # decode / chunked prefill
     d = max_abs(part, ref[:, 5:])
     assert d <= 1e-5, f"attention of a suffix vs float64: max abs diff {d:.3g}"
 
@@ -230,12 +231,12 @@ def test_causal_attention_matches_torch_sdpa():
     import torch
     q, k, v = _attn_inputs()
     T = q.shape[1]
-    ours = nn.attention(q, k, v, np.arange(T))
+    ours = backend.attention(q, k, v, np.arange(T))
     ref = torch.nn.functional.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)),
                                                            is_causal=True).numpy()
     d = float(np.abs(ours - ref).max())
     assert d <= 1e-5, f"attention vs torch sdpa: max abs diff {d:.3g}"
-    part = nn.attention(q[:, 5:], k, v, np.arange(5, T))
+    part = backend.attention(q[:, 5:], k, v, np.arange(5, T))
     d = float(np.abs(part - ref[:, 5:]).max())
     assert d <= 1e-5, f"attention of a suffix vs torch: max abs diff {d:.3g}"
 

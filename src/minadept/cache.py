@@ -35,6 +35,3 @@ class KVCache:
     def values(self, layer: int, end: int) -> np.ndarray:
         """V of block ``layer`` (0-based) for positions < end: [n_head, end, head_dim] (a view)."""
         return self.kv[layer, 1, :, :end]
-
-    def any_pending(self) -> bool:
-        return bool(self.pending.any())

@@ -160,7 +160,7 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="np") as f:
             for key in f.keys():
                 try:
-                    out[key] = f.get_tensor(key)
+                    out[key] = _widen_bf16(f.get_tensor(key))
                 except (SafetensorError, TypeError, ValueError) as e:
                     if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
                         out[key] = _read_bf16(path, key)
@@ -196,15 +196,21 @@ def read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _widen_bf16(t: np.ndarray) -> np.ndarray:
+    """bfloat16 typed by an extension (safetensors returns ``ml_dtypes.bfloat16`` arrays, kind 'V',
+    whenever ml_dtypes is imported, e.g. by jax or TensorFlow) -> float32 exactly, from its bits;
+    any other array unchanged."""
+    if t.dtype.name == "bfloat16" and t.dtype.itemsize == 2:
+        return _bf16_to_f32(np.ascontiguousarray(t).view(np.uint16))
+    return t
+
+
 def _as_float32(name: str, t: np.ndarray) -> np.ndarray:
-    """A tensor as float32, C-contiguous. NumPy floats convert by value; bfloat16 from an extension
-    type (safetensors returns ``ml_dtypes.bfloat16`` arrays, kind 'V', whenever ml_dtypes is
-    imported, e.g. by jax or TensorFlow) converts exactly from its bits. Raises MinadeptError for
-    any other dtype."""
+    """A tensor as float32, C-contiguous (NumPy floats by value, extension bfloat16 exactly).
+    Raises MinadeptError for any other dtype."""
+    t = _widen_bf16(t)
     if t.dtype.kind == "f":
         return np.ascontiguousarray(t, dtype=np.float32)
-    if t.dtype.name == "bfloat16" and t.dtype.itemsize == 2:
-        return np.ascontiguousarray(_bf16_to_f32(np.ascontiguousarray(t).view(np.uint16)))
     raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected float32, float16 or bfloat16")
 
 

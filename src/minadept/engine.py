@@ -21,7 +21,7 @@ from . import model as M
 from .cache import KVCache
 from .errors import MinadeptError
 from .exits.policies import ExitState, NoExit, Policy
-from .exits.propagate import StackedKV, propagate_kv_loop, write_propagated, write_stacked
+from .exits.propagate import StackedKV, propagate_kv_loop, write_propagated
 from .flops import block_flops, full_forward_flops, head_flops, kv_layer_flops
 
 KV_MODES = ("propagate", "propagate-loop", "oracle")
@@ -75,6 +75,48 @@ def _freeze_exited(hidden: np.ndarray, exit_layers: np.ndarray) -> None:
         hidden[k + 1:, cols] = hidden[k, cols][None]
 
 
+def _check_engine_args(model, policy, kv, fill, exit_mapper, kv_maps, mapper_flops) -> None:
+    """``Engine``'s arguments, checked; raises MinadeptError naming the first bad one."""
+    from .exits.adept import AdeptParams
+    if not isinstance(model, M.Model):
+        raise MinadeptError(f"model must be a minadept Model (Model.load(...)), got {type(model).__name__}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise MinadeptError(f"policy must be an exit Policy (make_policy(...)) or None, got {type(policy).__name__}")
+    if exit_mapper is not None and not callable(exit_mapper):
+        raise MinadeptError(f"exit_mapper must be callable (k, h) -> h' or None, got {type(exit_mapper).__name__}")
+    if kv_maps is not None and not isinstance(kv_maps, AdeptParams):
+        raise MinadeptError(f"kv_maps must be an AdeptParams (load_adept(...)) or None, got {type(kv_maps).__name__}")
+    if (not isinstance(mapper_flops, (tuple, list)) or len(mapper_flops) != 2
+            or not all(isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 0
+                       for f in mapper_flops)):
+        raise MinadeptError(f"mapper_flops must be a pair of integers >= 0 (exit map, K/V map), got {mapper_flops!r}")
+    if not isinstance(kv, str) or kv not in KV_MODES:
+        raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
+    if not isinstance(fill, str) or fill not in FILL_MODES:
+        raise MinadeptError(f"unknown --kv-fill {fill!r} (expected eager or lazy)")
+    if fill == "lazy" and kv != "propagate":
+        raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {kv}")
+    if kv_maps is not None and kv != "propagate":
+        raise MinadeptError(f"learned K/V maps work only with --kv propagate, not --kv {kv}")
+
+
+def _check_forward_args(config, cache, all_logits, record_hidden, step) -> None:
+    """``Engine.forward``'s options, checked; raises MinadeptError naming the first bad one."""
+    if not isinstance(cache, KVCache):
+        raise MinadeptError(f"cache must be a KVCache (from Engine.new_cache), got {type(cache).__name__}")
+    L, shape = config.n_layer, cache.kv.shape
+    if (shape[0], shape[2], shape[4]) != (L, config.n_head, config.head_dim):
+        raise MinadeptError(f"cache is for another model shape (n_layer {shape[0]}, n_head {shape[2]}, "
+                            f"head_dim {shape[4]}); this model has n_layer {L}, n_head {config.n_head}, "
+                            f"head_dim {config.head_dim}")
+    if not isinstance(all_logits, (bool, np.bool_)):
+        raise MinadeptError(f"all_logits must be a bool, got {type(all_logits).__name__} {all_logits!r}")
+    if not isinstance(record_hidden, (bool, np.bool_)):
+        raise MinadeptError(f"record_hidden must be a bool, got {type(record_hidden).__name__} {record_hidden!r}")
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+        raise MinadeptError(f"step must be an integer >= 0, got {step!r}")
+
+
 class Engine:
     """Runs a ``Model`` under an exit ``policy`` with a KV mode for skipped layers.
 
@@ -92,27 +134,7 @@ class Engine:
 
     def __init__(self, model: M.Model, policy: Policy | None = None, *, kv: str = "propagate",
                  fill: str = "eager", exit_mapper=None, kv_maps=None, mapper_flops=(0, 0)):
-        from .exits.adept import AdeptParams
-        if not isinstance(model, M.Model):
-            raise MinadeptError(f"model must be a minadept Model (Model.load(...)), got {type(model).__name__}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise MinadeptError(f"policy must be an exit Policy (make_policy(...)) or None, got {type(policy).__name__}")
-        if exit_mapper is not None and not callable(exit_mapper):
-            raise MinadeptError(f"exit_mapper must be callable (k, h) -> h' or None, got {type(exit_mapper).__name__}")
-        if kv_maps is not None and not isinstance(kv_maps, AdeptParams):
-            raise MinadeptError(f"kv_maps must be an AdeptParams (load_adept(...)) or None, got {type(kv_maps).__name__}")
-        if (not isinstance(mapper_flops, (tuple, list)) or len(mapper_flops) != 2
-                or not all(isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 0
-                           for f in mapper_flops)):
-            raise MinadeptError(f"mapper_flops must be a pair of integers >= 0 (exit map, K/V map), got {mapper_flops!r}")
-        if not isinstance(kv, str) or kv not in KV_MODES:
-            raise MinadeptError(f"unknown --kv {kv!r} (expected one of {', '.join(KV_MODES)})")
-        if not isinstance(fill, str) or fill not in FILL_MODES:
-            raise MinadeptError(f"unknown --kv-fill {fill!r} (expected eager or lazy)")
-        if fill == "lazy" and kv != "propagate":
-            raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {kv}")
-        if kv_maps is not None and kv != "propagate":
-            raise MinadeptError(f"learned K/V maps work only with --kv propagate, not --kv {kv}")
+        _check_engine_args(model, policy, kv, fill, exit_mapper, kv_maps, mapper_flops)
         self.model, self.config = model, model.config
         self.policy = policy or NoExit()
         self.kv, self.fill = kv, fill
@@ -168,40 +190,37 @@ class Engine:
 
     # -- propagation ------------------------------------------------------------------------
     def _propagate(self, cache: KVCache, h: np.ndarray, positions: np.ndarray, exit_layer: int) -> int:
-        """Fill blocks exit_layer+1..n_layer for tokens exiting with states h [N, C]; FLOPs spent."""
-        L = self.config.n_layer
-        layers = np.arange(exit_layer, L)          # 0-based indices of blocks exit_layer+1..L
-        if layers.size == 0 or h.shape[0] == 0:
+        """Fill blocks exit_layer+1..n_layer for tokens exiting with states h [N, C] (eagerly, or
+        mark them pending for lazy fill); returns the FLOPs spent."""
+        n_blocks = self.config.n_layer - exit_layer
+        if n_blocks == 0 or h.shape[0] == 0:
             return 0
         if self.fill == "lazy":
-            cache.pending[layers[:, None], positions[None, :]] = True
+            cache.pending[exit_layer:, positions] = True
             cache.exit_state[positions] = h
             cache.exit_at[positions] = exit_layer
             return 0
         if self.kv == "propagate-loop":
-            write_propagated(cache, layers, positions, propagate_kv_loop(self.model, h, layers))
+            kv = propagate_kv_loop(self.model, h, exit_layer)
         else:
-            write_stacked(cache, layers, positions, self.stacked.propagate(h, exit_layer))
-        return int(layers.size * h.shape[0] * (kv_layer_flops(self.config) + self.kv_map_flops))
+            kv = self.stacked.propagate(h, exit_layer)
+        write_propagated(cache, exit_layer + 1, positions, kv)
+        return int(n_blocks * h.shape[0] * (kv_layer_flops(self.config) + self.kv_map_flops))
 
-    def fill_pending(self, cache: KVCache, layer: int, end: int) -> int:
-        """Lazy fill: compute block ``layer+1``'s pending K/V for positions < end in one product."""
-        idx = np.flatnonzero(cache.pending[layer, :end])
+    def fill_pending(self, cache: KVCache, block: int, end: int) -> int:
+        """Lazy fill: compute block ``block``'s (1..n_layer) pending K/V for positions < end, in one
+        product per exit layer (one in all with identity maps); returns the FLOPs spent."""
+        idx = np.flatnonzero(cache.pending[block - 1, :end])
         if idx.size == 0:
             return 0
-        layers = np.array([layer])
-        if self.kv_maps is None:             # identity: the same weights whatever the exit layer
-            write_stacked(cache, layers, idx, self.stacked.propagate(cache.exit_state[idx], 0, layer))
-        else:
-            for k in np.unique(cache.exit_at[idx]):
-                sel = idx[cache.exit_at[idx] == k]
-                write_stacked(cache, layers, sel, self.stacked.propagate(cache.exit_state[sel], int(k), layer))
-        cache.pending[layer, idx] = False
+        kv = self.stacked.propagate_block(cache.exit_state[idx], cache.exit_at[idx], block)
+        write_propagated(cache, block, idx, kv)
+        cache.pending[block - 1, idx] = False
         return int(idx.size * (kv_layer_flops(self.config) + self.kv_map_flops))
 
     def flush(self, cache: KVCache) -> int:
         """Fill every pending entry (before dumping or comparing caches). Returns FLOPs spent."""
-        return sum(self.fill_pending(cache, l, cache.length) for l in range(self.config.n_layer))
+        return sum(self.fill_pending(cache, b, cache.length) for b in range(1, self.config.n_layer + 1))
 
     # -- accounting shared by the layer loop and the fused single-token path -------------------
     def _checking(self, step: int) -> bool:
@@ -244,161 +263,140 @@ class Engine:
 
         ``all_logits``: predict every token (evaluation), else only the last (generation).
         ``step``: generated-token index passed to threshold schedules (0 for the prompt).
-        Raises MinadeptError if the tokens do not fit in the cache or an id is out of range.
+        ``record_hidden``: return every layer's states in ``hidden`` (exited tokens frozen at h_k).
+        Raises MinadeptError for bad arguments, tokens that do not fit in the cache or an id out
+        of range.
         """
-        cfg, params, L = self.config, self.model.params, self.config.n_layer
-        if not isinstance(cache, KVCache):
-            raise MinadeptError(f"cache must be a KVCache (from Engine.new_cache), got {type(cache).__name__}")
-        shape = cache.kv.shape
-        if (shape[0], shape[2], shape[4]) != (L, cfg.n_head, cfg.head_dim):
-            raise MinadeptError(f"cache is for another model shape (n_layer {shape[0]}, n_head {shape[2]}, "
-                                f"head_dim {shape[4]}); this model has n_layer {L}, n_head {cfg.n_head}, "
-                                f"head_dim {cfg.head_dim}")
-        if not isinstance(all_logits, (bool, np.bool_)):
-            raise MinadeptError(f"all_logits must be a bool, got {type(all_logits).__name__} {all_logits!r}")
-        if not isinstance(record_hidden, (bool, np.bool_)):
-            raise MinadeptError(f"record_hidden must be a bool, got {type(record_hidden).__name__} {record_hidden!r}")
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-            raise MinadeptError(f"step must be an integer >= 0, got {step!r}")
-        ids = token_ids(ids, cfg.vocab_size)
+        _check_forward_args(self.config, cache, all_logits, record_hidden, step)
+        ids = token_ids(ids, self.config.vocab_size)
         if ids.size == 0:
             raise MinadeptError("no tokens to run")
-        T, p0 = len(ids), cache.length
-        end = p0 + T
-        if end > cache.n_ctx:
-            raise MinadeptError(f"{end} tokens do not fit in the context of {cache.n_ctx} (n_positions)")
-        if T == 1 and not record_hidden and self.kv != "oracle" and backend.kernels() is not None:
+        if cache.length + len(ids) > cache.n_ctx:
+            raise MinadeptError(f"{cache.length + len(ids)} tokens do not fit in the context of {cache.n_ctx} (n_positions)")
+        if len(ids) == 1 and not record_hidden and self.kv != "oracle" and backend.kernels() is not None:
             plan = self.model.decode_plan
             if plan is not None:
+                from .fused import decode_one
                 with plan.lock, backend.single_threaded_blas():   # one step at a time per model
-                    return self._forward_one(int(ids[0]), cache, step, plan)
-        pos = np.arange(p0, end)
-        h = M.embed(params, ids, pos)                                       # [T, C]
-        h_exit = np.empty_like(h)
-        exit_layers = np.full(T, L, dtype=np.int64)
-        blocks_f = np.zeros(T, dtype=np.int64)
-        prop_f = 0
-        active = everyone = np.arange(T)
-        check_logits: dict[int, np.ndarray] = {}
-        oracle, checking = self.kv == "oracle", self._checking(step)
+                    return decode_one(self, int(ids[0]), cache, step, plan)
+        return self._layer_loop(ids, cache, all_logits, step, record_hidden)
+
+    def _layer_loop(self, ids: np.ndarray, cache: KVCache, all_logits: bool, step: int,
+                    record_hidden: bool) -> ForwardResult:
+        """``forward`` block by block over the still-active tokens, any number of them."""
+        cfg, L = self.config, self.config.n_layer
+        p = _Pass.start(self, ids, cache.length, record_hidden)
+        checking = self._checking(step)
         # Generation predicts the last token only: at block L the others need their K/V (for later
         # tokens) but not the attention output and MLP, which would feed nothing. Skipped there;
         # the FLOP accounting still counts whole blocks (the model's nominal cost).
-        trim_last = not (all_logits or record_hidden or oracle)
-        hidden = np.empty((L + 1, T, cfg.n_embd), np.float32) if record_hidden else None
-        if record_hidden:
-            hidden[0] = h
-
-        for l, blk in enumerate(params.h):
-            run = everyone if oracle else active
+        trim_last = not (all_logits or record_hidden or p.oracle)
+        for layer, blk in enumerate(self.model.params.h, start=1):
+            run = p.everyone if p.oracle else p.active
             if run.size == 0:
                 break
             if self.fill == "lazy":
-                prop_f += self.fill_pending(cache, l, end)
-            x = h[run] if run.size < T else h
-            q, k, v = M.qkv(blk, x, cfg)                                    # [H, R, D] each
-            M.write_kv(cache.kv[l], pos[run], k, v)
-            if l == L - 1 and trim_last:      # block L: only the predicted token needs more than K/V
-                j = np.flatnonzero(run == T - 1)
-                x_new = x
-                x_new[j] = M.block_rest(blk, x[j], q[:, j], cache.keys(l, end), cache.values(l, end), pos[run[j]], cfg)
-            else:
-                x_new = M.block_rest(blk, x, q, cache.keys(l, end), cache.values(l, end), pos[run], cfg)
-            cost = block_flops(cfg, pos[run] + 1)
-            if oracle and active.size < T:
-                is_active = np.zeros(T, bool)
-                is_active[active] = True
-                blocks_f[active] += cost[is_active]
-                prop_f += int(cost[~is_active].sum())
-            else:
-                blocks_f[run] += cost
-            if run.size < T:
-                h[run] = x_new
-            else:
-                h = x_new
-            if record_hidden:
-                hidden[l + 1] = h
-
-            layer = l + 1
-            if not checking or layer >= L or layer < self.policy.min_exit_layer or active.size == 0:
-                continue
-            r = active if oracle else slice(None)   # rows of this layer's arrays for active tokens
-            state = ExitState(layer=layer, h=x_new[r], h_prev=x[r], q=q[:, r], k=k[:, r], v=v[:, r],
-                              positions=pos[active], step=step,
-                              predict=lambda hh, _l=layer: self.predict(hh, _l))
-            mask, logits = self.policy.decide(state)
-            if not mask.any():
-                continue
-            out = active[mask]
-            exit_layers[out] = layer
-            h_exit[out] = h[out]
-            if logits is not None:
-                for i, row in zip(np.flatnonzero(mask), out):
-                    if all_logits or row == T - 1:
-                        check_logits[int(row)] = logits[i]
-            if not oracle:
-                prop_f += self._propagate(cache, h[out], pos[out], layer)
-            active = active[~mask]
-
-        h_exit[active] = h[active]
+                p.prop_f += self.fill_pending(cache, layer, p.end)
+            x, x_new, q, k, v = self._block(blk, layer, p, run, cache, trim_last and layer == L)
+            if checking and self.policy.min_exit_layer <= layer < L and p.active.size:
+                self._exit_step(p, layer, x, x_new, (q, k, v), step, all_logits, cache)
+        p.h_exit[p.active] = p.h[p.active]
         if record_hidden:
-            _freeze_exited(hidden, exit_layers)
-        cache.length = end
-        checks_f = self._check_flops(exit_layers, checking)
-        rows = np.arange(T) if all_logits else np.array([T - 1])
-        logits, head_f = self._predictions(rows, check_logits, exit_layers, h_exit)
-        return ForwardResult(logits=logits, exit_layers=exit_layers, block_flops=blocks_f,
-                             check_flops=checks_f, head_flops=head_f, propagation_flops=prop_f,
-                             full_flops=full_forward_flops(cfg, T, len(rows), start=p0), hidden=hidden)
+            _freeze_exited(p.hidden, p.exit_layers)
+        cache.length = p.end
+        rows = np.arange(len(ids)) if all_logits else np.array([len(ids) - 1])
+        logits, head_f = self._predictions(rows, p.check_logits, p.exit_layers, p.h_exit)
+        return ForwardResult(logits=logits, exit_layers=p.exit_layers, block_flops=p.blocks_f,
+                             check_flops=self._check_flops(p.exit_layers, checking), head_flops=head_f,
+                             propagation_flops=p.prop_f, hidden=p.hidden,
+                             full_flops=full_forward_flops(cfg, len(ids), len(rows), start=int(p.pos[0])))
 
-    # -- the fused single-token path (fast backend) ----------------------------------------------
-    def _forward_one(self, token: int, cache: KVCache, step: int, plan) -> ForwardResult:
-        """``forward`` for one token with the fused decode step (``model.decode_plan``): each block
-        is one call into the extension, and the LM head one BLAS product. Same decisions, cache
-        writes and accounting as the layer loop above (tests/test_fused.py); exit checks, K/V
-        propagation and lazy fill are the same Python as there."""
-        cfg, L, p = self.config, self.config.n_layer, cache.length
-        x, x_prev = np.empty(cfg.n_embd, np.float32), np.empty(cfg.n_embd, np.float32)
-        h, h_prev = x.reshape(1, -1), x_prev.reshape(1, -1)                 # [1, C] views
-        plan.embed(token, p, x)
-        position = np.array([p])
-        checking = self._checking(step)
-        first = self.policy.min_exit_layer if checking else L
-        exit_layer, check_logits, prop_f = L, None, 0
-        # no checks before block `first`: those blocks in one call (lazy fill must run before each)
-        start = 0 if self.fill == "lazy" else max(0, min(first, L) - 1)
-        plan.blocks_range(0, start, x, cache.kv, p)
-        for l in range(start, L):
-            if self.fill == "lazy":
-                prop_f += self.fill_pending(cache, l, p + 1)
-            plan.block(l, x, x_prev, cache.kv, p)
-            layer = l + 1
-            if layer >= L or layer < first:
-                continue
-            state = ExitState(layer=layer, h=h, h_prev=h_prev, q=plan.q, k=plan.k, v=plan.v,
-                              positions=position, step=step,
-                              predict=lambda hh, _l=layer: self._predict_one(plan, hh, _l))
-            mask, logits = self.policy.decide(state)
-            if mask[0]:
-                exit_layer = layer
-                check_logits = None if logits is None else logits[0]
-                prop_f += self._propagate(cache, h.copy(), position, layer)
-                break
-        cache.length = p + 1
-        exit_layers = np.array([exit_layer])
-        if check_logits is None:
-            logits, head_f = self._predict_one(plan, h, exit_layer), self._head_cost(exit_layers)
+    def _block(self, blk, layer: int, p: "_Pass", run: np.ndarray, cache: KVCache, trim: bool):
+        """Block ``layer`` for the tokens ``run``: q/k/v, the cache write, the rest of the block
+        (only for the predicted token when ``trim``), the FLOP count and the hidden-state record.
+        Returns (x, x_new, q, k, v): the block's input and output rows of ``run``, and its q/k/v."""
+        cfg, T = self.config, len(p.pos)
+        x = p.h[run] if run.size < T else p.h
+        q, k, v = M.qkv(blk, x, cfg)                                    # [H, R, D] each
+        M.write_kv(cache.kv[layer - 1], p.pos[run], k, v)
+        keys, values = cache.keys(layer - 1, p.end), cache.values(layer - 1, p.end)
+        if trim:
+            j = np.flatnonzero(run == T - 1)
+            x_new = x
+            x_new[j] = M.block_rest(blk, x[j], q[:, j], keys, values, p.pos[run[j]], cfg)
         else:
-            logits, head_f = check_logits[None], np.zeros(1, dtype=np.int64)
-        return ForwardResult(logits=logits, exit_layers=exit_layers,
-                             block_flops=np.array([exit_layer * block_flops(cfg, p + 1)], dtype=np.int64),
-                             check_flops=self._check_flops(exit_layers, checking), head_flops=head_f,
-                             propagation_flops=prop_f, full_flops=full_forward_flops(cfg, 1, 1, start=p))
+            x_new = M.block_rest(blk, x, q, keys, values, p.pos[run], cfg)
+        p.count_block(block_flops(cfg, p.pos[run] + 1), run)
+        if run.size < T:
+            p.h[run] = x_new
+        else:
+            p.h = x_new
+        if p.hidden is not None:
+            p.hidden[layer] = p.h
+        return x, x_new, q, k, v
 
-    def _predict_one(self, plan, h: np.ndarray, layer: int) -> np.ndarray:
-        """``predict`` for one state h [1, C] through the fused LM head -> [1, V]."""
-        if self.exit_mapper is not None and layer < self.config.n_layer:
-            h = self.exit_mapper(layer, h)
-        logits = np.empty((1, self.config.vocab_size), np.float32)
-        plan.head(np.ascontiguousarray(h[0], dtype=np.float32), logits[0])
-        return logits
+    def _exit_step(self, p: "_Pass", layer: int, x, x_new, qkv, step: int, all_logits: bool,
+                   cache: KVCache) -> None:
+        """The policy's decision after block ``layer`` for the active tokens; exiting tokens are
+        retired with their state h_k, their check logits kept, their deeper K/V propagated."""
+        r = p.active if p.oracle else slice(None)   # rows of this layer's arrays for active tokens
+        q, k, v = qkv
+        state = ExitState(layer=layer, h=x_new[r], h_prev=x[r], q=q[:, r], k=k[:, r], v=v[:, r],
+                          positions=p.pos[p.active], step=step,
+                          predict=lambda hh: self.predict(hh, layer))
+        mask, logits = self.policy.decide(state)
+        if not mask.any():
+            return
+        out = p.active[mask]
+        p.exit_layers[out] = layer
+        p.h_exit[out] = p.h[out]
+        if logits is not None:
+            last = len(p.pos) - 1
+            for i, row in zip(np.flatnonzero(mask), out):
+                if all_logits or row == last:
+                    p.check_logits[int(row)] = logits[i]
+        if not p.oracle:
+            p.prop_f += self._propagate(cache, p.h[out], p.pos[out], layer)
+        p.active = p.active[~mask]
+
+
+@dataclass
+class _Pass:
+    """The running state of one layer-loop pass over T tokens."""
+    pos: np.ndarray                 # [T] absolute positions
+    end: int                        # cache length after the pass
+    h: np.ndarray                   # [T, C] residual stream (exited rows keep h_k)
+    h_exit: np.ndarray              # [T, C] each token's state at its exit layer
+    exit_layers: np.ndarray         # [T] int64, n_layer until a token exits
+    blocks_f: np.ndarray            # [T] int64 block FLOPs
+    active: np.ndarray              # indices of tokens not yet exited
+    everyone: np.ndarray            # arange(T)
+    oracle: bool                    # --kv oracle: exited tokens keep running (their FLOPs count as propagation)
+    hidden: np.ndarray | None       # [n_layer+1, T, C] when recording
+    prop_f: int = 0
+    check_logits: dict = None       # token row -> logits [V] an exit check computed
+
+    @classmethod
+    def start(cls, engine: Engine, ids: np.ndarray, p0: int, record_hidden: bool) -> "_Pass":
+        cfg, T = engine.config, len(ids)
+        pos = np.arange(p0, p0 + T)
+        h = M.embed(engine.model.params, ids, pos)                          # [T, C]
+        hidden = np.empty((cfg.n_layer + 1, T, cfg.n_embd), np.float32) if record_hidden else None
+        if hidden is not None:
+            hidden[0] = h
+        return cls(pos=pos, end=p0 + T, h=h, h_exit=np.empty_like(h),
+                   exit_layers=np.full(T, cfg.n_layer, dtype=np.int64), blocks_f=np.zeros(T, dtype=np.int64),
+                   active=np.arange(T), everyone=np.arange(T), oracle=engine.kv == "oracle", hidden=hidden,
+                   check_logits={})
+
+    def count_block(self, cost: np.ndarray, run: np.ndarray) -> None:
+        """Add one block's FLOPs [len(run)] of the tokens ``run``: to the block count of active
+        tokens, to propagation for exited tokens the ``oracle`` mode keeps running."""
+        T = len(self.pos)
+        if self.oracle and self.active.size < T:
+            is_active = np.zeros(T, bool)
+            is_active[self.active] = True
+            self.blocks_f[self.active] += cost[is_active]
+            self.prop_f += int(cost[~is_active].sum())
+        else:
+            self.blocks_f[run] += cost

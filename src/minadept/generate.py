@@ -16,10 +16,9 @@ from .sampling import SamplingSettings, sample
 
 @dataclass
 class Step:
-    """One generated token. ``kind`` is "prefill" for the token predicted by the prompt pass."""
+    """One generated token and the forward call that predicted it (the prompt pass for the first)."""
     token: int
-    kind: str
-    result: ForwardResult          # the forward call that predicted this token
+    result: ForwardResult
 
 
 @dataclass
@@ -82,11 +81,10 @@ def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: Sampl
     cache = engine.new_cache(min(engine.config.n_positions, len(ids) + max_new_tokens))
     result = engine.forward(ids, cache)
     gen.prompt_result = result
-    kind = "prefill"
     while True:
         token = sample(result.logits[-1], sampling, rng)
         gen.tokens.append(token)
-        yield Step(token=token, kind=kind, result=result)
+        yield Step(token=token, result=result)
         if eot_id is not None and token == eot_id:
             gen.stop_reason = "eot"
             return
@@ -98,4 +96,3 @@ def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: Sampl
             return
         result = engine.forward([token], cache, step=len(gen.tokens))
         gen.decode_results.append(result)
-        kind = "decode"

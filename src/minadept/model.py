@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, nn
+from . import backend
+from . import reference as R
 from .checkpoint import Block, Params, load_params, resolve_model
 from .config import GPT2Config
 from .tokenizer import Tokenizer
@@ -94,11 +95,11 @@ def embed(params: Params, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def qkv(blk: Block, x: np.ndarray, config: GPT2Config):
     """The attention inputs of a block: x [T, C] (residual stream) -> q, k, v [H, T, D]."""
-    a = nn.layer_norm(x, blk.ln_1_g, blk.ln_1_b, config.layer_norm_epsilon)
-    y = nn.linear(a, blk.c_attn_w, blk.c_attn_b)                              # [T, 3C]
+    a = backend.layer_norm(x, blk.ln_1_g, blk.ln_1_b, config.layer_norm_epsilon)
+    y = R.linear(a, blk.c_attn_w, blk.c_attn_b)                              # [T, 3C]
     C = config.n_embd
-    return (nn.split_heads(y[:, :C], config.n_head), nn.split_heads(y[:, C:2 * C], config.n_head),
-            nn.split_heads(y[:, 2 * C:], config.n_head))
+    return (R.split_heads(y[:, :C], config.n_head), R.split_heads(y[:, C:2 * C], config.n_head),
+            R.split_heads(y[:, 2 * C:], config.n_head))
 
 
 def write_kv(kv_layer: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
@@ -115,15 +116,16 @@ def block_rest(blk: Block, x: np.ndarray, q: np.ndarray, keys: np.ndarray, value
                pos: np.ndarray, config: GPT2Config) -> np.ndarray:
     """The rest of a block once q and the cache are ready: attention over ``keys``/``values``
     [H, S, D], output projection, residual, MLP, residual. x [T, C] -> [T, C]."""
-    o = nn.merge_heads(nn.attention(q, keys, values, pos))                        # [T, C]
-    x = x + nn.linear(o, blk.attn_c_proj_w, blk.attn_c_proj_b)
-    a = nn.layer_norm(x, blk.ln_2_g, blk.ln_2_b, config.layer_norm_epsilon)
-    return x + nn.mlp(a, blk.c_fc_w, blk.c_fc_b, blk.mlp_c_proj_w, blk.mlp_c_proj_b, config.gelu)
+    o = R.merge_heads(backend.attention(q, keys, values, pos))                   # [T, C]
+    x = x + R.linear(o, blk.attn_c_proj_w, blk.attn_c_proj_b)
+    a = backend.layer_norm(x, blk.ln_2_g, blk.ln_2_b, config.layer_norm_epsilon)
+    m = backend.gelu(R.linear(a, blk.c_fc_w, blk.c_fc_b), config.gelu)            # [T, 4C]
+    return x + R.linear(m, blk.mlp_c_proj_w, blk.mlp_c_proj_b)
 
 
 def final_norm(params: Params, h: np.ndarray, config: GPT2Config) -> np.ndarray:
     """``ln_f``: h [T, C] -> [T, C]."""
-    return nn.layer_norm(h, params.ln_f_g, params.ln_f_b, config.layer_norm_epsilon)
+    return backend.layer_norm(h, params.ln_f_g, params.ln_f_b, config.layer_norm_epsilon)
 
 
 def lm_head(model: Model, x: np.ndarray) -> np.ndarray:

@@ -33,14 +33,14 @@ def allowed_probs(logits: np.ndarray, s: SamplingSettings) -> np.ndarray:
     z = logits.astype(np.float64)
     if not np.isfinite(z.max()):
         raise MinadeptError("logits have no finite maximum (NaN or +inf); cannot sample")
+    if s.top_k is not None and s.top_k < z.size:      # on the raw logits: the shift below can
+        kth = np.partition(z, -s.top_k)[-s.top_k]     # round near-equal logits into a tie
+        z = np.where(z < kth, -np.inf, z)
     # Shift before dividing: z - max <= 0 stays finite or -inf at any temperature, so a temperature
     # far below 1 (even a subnormal one) concentrates the mass on the top logit(s) instead of
     # overflowing to inf - inf = NaN.
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         z = (z - z.max()) / s.temperature
-    if s.top_k is not None and s.top_k < z.size:
-        kth = np.partition(z, -s.top_k)[-s.top_k]
-        z = np.where(z < kth, -np.inf, z)
     with np.errstate(under="ignore"):
         p = np.exp(z - z.max())
     p /= p.sum()

@@ -5,12 +5,12 @@ directory and read back here. With C = n_embd, L = n_layer, exit layers k = 1..L
 
 * exit mapper ("Jump to Conclusions"): ``h_L ~ h_k @ exit_w[k-1] + exit_b[k-1]``, the exit
   prediction is then ``ln_f`` and the LM head as usual;
-* K/V mappers, low rank, one per (exit layer k, skipped block index l) with k < l <= L-1: the
-  LayerNorm-normalised residual stream entering block l+1 of a token that exited at k is
+* K/V mappers, low rank, one per (exit layer k, skipped block l) with k+2 <= l <= L: the
+  LayerNorm-normalised residual stream entering block l of a token that exited at k is
   ``n_k + (n_k @ kv_u[p]) @ kv_v[p] + kv_c[p]`` with n_k = normalize(h_k) and p = ``pair_index``;
   ``ln_1``'s affine, then the K/V columns of ``c_attn``, follow (``propagate_kv_mapped``; the
   engine folds all three into one matrix per exit layer, ``propagate.StackedKV``). Block
-  k+1 (l = k) reads h_k itself. Measured on the embedded model: the K/V of skipped layers copied
+  k+1 reads h_k itself. Measured on the embedded model: the K/V of skipped layers copied
   from h_k are far off at the last layers (relative error 0.4-1.0 at block 12), and a rank-24 map
   cuts that 3-5x; reduced-rank ridge regression keeps the parameters within budget;
 * exit policy: ``P(Exit | s) = sigmoid(features(s) @ policy_w[k-1] + policy_b[k-1])`` with the
@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import backend
 from ..errors import MinadeptError
-from ..nn import normalize
+from ..reference import normalize
 
 ADEPT_FILE = "adept.safetensors"
 FORMAT_VERSION = "1"
@@ -37,11 +37,11 @@ FORMAT_VERSION = "1"
 TENSORS = ("exit_w", "exit_b", "kv_u", "kv_v", "kv_c", "policy_w", "policy_b")
 
 
-def pair_index(k: int, l: int, n_layer: int) -> int:
-    """Row of the (exit layer k, block index l) K/V mapper, 1 <= k < l <= n_layer-1, in the order
-    k = 1, l = 2..L-1; k = 2, l = 3..L-1; ..."""
+def pair_index(k: int, block: int, n_layer: int) -> int:
+    """Row of the K/V mapper of (exit layer k, skipped block ``block``), 1 <= k, k+2 <= block <=
+    n_layer (block k+1 reads h_k itself), in the order k = 1, block = 3..L; k = 2, block = 4..L; ..."""
     before = sum(n_layer - 1 - j for j in range(1, k))      # pairs of exit layers 1..k-1
-    return before + (l - k - 1)
+    return before + (block - k - 2)
 
 
 def n_pairs(n_layer: int) -> int:
@@ -92,30 +92,24 @@ class AdeptParams:
         """h_k [N, C] -> estimate of h_L [N, C]."""
         return h @ self.exit_w[k - 1] + self.exit_b[k - 1]
 
-    def kv_map(self, k: int, h: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """h_k [N, C] -> estimated (normalised) inputs of blocks ``layers`` [M, N, C] (0-based
-        indices, all >= k; index k is block k+1, which reads h_k itself)."""
+    def kv_map(self, k: int, h: np.ndarray) -> np.ndarray:
+        """h_k [N, C] -> estimated (normalised) inputs [L-k, N, C] of blocks k+1..L (block k+1
+        reads h_k itself)."""
         n = normalize(h, 1e-5)                                             # [N, C]
         L = self.exit_w.shape[0] + 1
-        out = np.empty((len(layers), len(h), h.shape[1]), np.float32)
-        mapped = [i for i, l in enumerate(layers) if l > k]
-        out[[i for i, l in enumerate(layers) if l <= k]] = n
-        if mapped:
-            p = [pair_index(k, int(layers[i]), L) for i in mapped]
-            corr = np.matmul(np.matmul(n[None], self.kv_u[p]), self.kv_v[p])     # [M', N, C]
-            out[mapped] = n[None] + corr + self.kv_c[p][:, None, :]
+        out = np.empty((L - k, len(h), h.shape[1]), np.float32)
+        out[0] = n
+        if L - k > 1:
+            p = [pair_index(k, blk, L) for blk in range(k + 2, L + 1)]
+            corr = np.matmul(np.matmul(n[None], self.kv_u[p]), self.kv_v[p])     # [L-k-1, N, C]
+            out[1:] = n[None] + corr + self.kv_c[p][:, None, :]
         return out
 
     def logit(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
         """The policy's logit [A] float64 of the states after block k (h, h_prev [A, C]):
         ``policy_features(h, h_prev) @ w + b``, from the Cython kernel on the fast backend (decode
         calls this at every layer), else from ``adept_logit_numpy``."""
-        w, b = self.policy_w[k - 1], float(self.policy_b[k - 1])
-        K = backend.kernels()
-        if K is not None:
-            return K.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
-                                 np.ascontiguousarray(h_prev, dtype=np.float32), w, b, 1e-5)
-        return adept_logit_numpy(h, h_prev, w, b)
+        return backend.adept_logit(h, h_prev, self.policy_w[k - 1], float(self.policy_b[k - 1]))
 
     def score(self, k: int, h: np.ndarray, h_prev: np.ndarray) -> np.ndarray:
         """P(Exit) [A] float64 of the states after block k: sigmoid of ``logit``."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import model as M
 from ..errors import MinadeptError
-from ..nn import normalize
+from ..reference import normalize
 from .adept import AdeptParams, adept_engine, n_pairs, pair_index, policy_features
 
 #: fewest windows (of min(n_positions, 256) tokens) a calibration fits on, after the hold-out
@@ -71,8 +71,8 @@ def fit_ridge(X: np.ndarray, Y: np.ndarray, lam: float = 1e-4):
 
 
 def fit_kv_maps(H: np.ndarray, rank: int, lam: float = 1e-4):
-    """Reduced-rank ridge maps for every pair k < l <= L-1 (``adept.pair_index`` order):
-    normalize(h_l) - normalize(h_k) ~ (n_k @ U) @ V + c. Ridge first (one factorisation per exit
+    """Reduced-rank ridge maps for every (exit layer k, block l+1) with k < l <= L-1
+    (``adept.pair_index`` order): normalize(h_l) - normalize(h_k) ~ (n_k @ U) @ V + c. Ridge first (one factorisation per exit
     layer, shared by its targets), then V = the top-r principal directions of the fitted values
     (eigenvectors of W^T Cov(n_k) W), U = W V^T. Returns U [P, C, r], V [P, r, C], c [P, C]."""
     L, C = H.shape[0] - 1, H.shape[2]
@@ -92,7 +92,7 @@ def fit_kv_maps(H: np.ndarray, rank: int, lam: float = 1e-4):
         my = Y.mean(0)
         W_all = np.linalg.solve(A, Xc.T @ (Y - my) / len(X))              # [C, C * targets]
         for i, l in enumerate(targets):
-            p = pair_index(k, l, L)
+            p = pair_index(k, l + 1, L)                                   # H[l] enters block l+1
             W = W_all[:, i * C:(i + 1) * C]
             _, vecs = np.linalg.eigh(W.T @ cov @ W)                       # ascending eigenvalues
             Vr = vecs[:, ::-1][:, :rank].T                                # [r, C]

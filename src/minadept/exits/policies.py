@@ -21,7 +21,6 @@ from .. import backend
 from ..config import GPT2Config
 from ..errors import MinadeptError
 from ..flops import head_flops
-from ..nn import FAST_MAX_ROWS
 
 
 @dataclass(slots=True)
@@ -72,7 +71,6 @@ class Decay:
 class Policy:
     """Base class. ``decide`` returns (exit mask [A] bool, exit logits [A, V] or None)."""
     name = "base"
-    uses_head = False          # the measure needs the exit prediction (an LM-head matmul)
     min_exit_layer = 1
 
     def decide(self, state: ExitState):
@@ -139,47 +137,35 @@ class ThresholdPolicy(Policy):
         return s
 
 
-def _probs(logits: np.ndarray) -> np.ndarray:
+def softmax_top2_numpy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 probability [N], top-1 minus top-2 probability [N]) of the softmax of logits [N, V]
+    (NumPy twin of the ``softmax_top2`` kernel)."""
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def top1_minus_top2(p: np.ndarray) -> np.ndarray:
-    """p [N, V] probabilities -> top-1 minus top-2 [N]."""
+    p = e / e.sum(axis=-1, keepdims=True)
     top2 = np.partition(p, -2, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+    return top2[:, 1], top2[:, 1] - top2[:, 0]
 
 
-class Confidence(ThresholdPolicy):
+class _HeadMeasure(ThresholdPolicy):
+    """A measure of the exit prediction's softmax (CALM): needs an LM-head product per check."""
+    which = 0                      # index into backend.softmax_top2's (top-1, margin)
+
+    def score(self, state):
+        logits = state.predict(state.h)
+        return backend.softmax_top2(logits)[self.which], logits
+
+    def check_flops(self, config):
+        return head_flops(config)
+
+
+class Confidence(_HeadMeasure):
     """Softmax top-1 probability of the exit prediction (CALM 'softmax response')."""
-    name = "confidence"
-    uses_head = True
-
-    def score(self, state):
-        logits = state.predict(state.h)
-        K = backend.kernels()
-        if K is not None and len(logits) <= FAST_MAX_ROWS:
-            return K.softmax_top2(np.ascontiguousarray(logits))[0], logits
-        return _probs(logits).max(axis=-1), logits
-
-    def check_flops(self, config):
-        return head_flops(config)
+    name, which = "confidence", 0
 
 
-class Margin(ThresholdPolicy):
+class Margin(_HeadMeasure):
     """Top-1 minus top-2 softmax probability of the exit prediction (CALM)."""
-    name = "margin"
-    uses_head = True
-
-    def score(self, state):
-        logits = state.predict(state.h)
-        K = backend.kernels()
-        if K is not None and len(logits) <= FAST_MAX_ROWS:
-            return K.softmax_top2(np.ascontiguousarray(logits))[1], logits
-        return top1_minus_top2(_probs(logits)), logits
-
-    def check_flops(self, config):
-        return head_flops(config)
+    name, which = "margin", 1
 
 
 class Saturation(ThresholdPolicy):
@@ -187,10 +173,7 @@ class Saturation(ThresholdPolicy):
     name = "saturation"
 
     def score(self, state):
-        K = backend.kernels()
-        if K is not None:
-            return K.cosine_rows(np.ascontiguousarray(state.h), np.ascontiguousarray(state.h_prev)), None
-        return cosine_rows(state.h, state.h_prev), None
+        return backend.cosine_rows(state.h, state.h_prev), None
 
     def check_flops(self, config):
         return 6 * config.n_embd
@@ -211,9 +194,6 @@ class Adept(ThresholdPolicy):
     def __init__(self, schedule, params, min_exit_layer: int = 1):
         super().__init__(schedule, min_exit_layer)
         self.params = params
-
-    def score(self, state):
-        return self.params.score(state.layer, state.h, state.h_prev), None
 
     def decide(self, state):
         """P(Exit) > tau, decided on the logit (z > log(tau / (1 - tau))): the same decisions

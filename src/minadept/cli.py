@@ -1,4 +1,4 @@
-"""Command line: ``minadept generate | eval | calibrate | dump | info`` (also ``python -m minadept``).
+"""Command line: ``minadept generate | eval | calibrate | dump | check | info`` (also ``python -m minadept``).
 
 Errors are one line on stderr (``error: ...``) and exit status 2 (bad usage) or 1 (bad input).
 """
@@ -100,7 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(d)
     d.add_argument("--prompt", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--engine", default="minadept", choices=["minadept", "transformers"],
+                   help="minadept (default) or transformers (full depth, needs the oracle extra; for minadept check)")
     _add_policy(d)
+
+    k = sub.add_parser("check", help="compare a candidate dump with a reference dump; say where they part")
+    k.add_argument("ref", metavar="REF.npz", help="reference dump")
+    k.add_argument("cand", metavar="CANDIDATE.npz", help="dump of the implementation under test")
+    k.add_argument("--atol", type=_float, default=None, help="absolute tolerance per token (default 1e-05)")
+    k.add_argument("--rtol", type=_float, default=None,
+                   help="tolerance relative to the token's largest reference entry (default 1e-04)")
+    k.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
 
     c = sub.add_parser("calibrate", help="fit ADEPT's mappers and exit policy on a text file")
     c.add_argument("--text", required=True, help="UTF-8 calibration text (keep it apart from evaluation text)")
@@ -334,12 +344,38 @@ def cmd_dump(args) -> int:
     from .model import Model
     _check_policy_args(args)
     check_writable(args.out, "--out")
+    if args.engine == "transformers":
+        return _dump_transformers(args)
     model = Model.load(args.model)
     set_threads(args, model)
     engine = _engine(args, model)
     write_dump(engine, args.prompt, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _dump_transformers(args) -> int:
+    """``dump --engine transformers``: full depth, so any early-exit flag is an error."""
+    from .dump_hf import write_dump_transformers
+    defaults = dict(exit="none", threshold=None, exit_layer=None, min_exit_layer=None, schedule="constant",
+                    kv="propagate", kv_fill="eager", adept=None, exit_map=None, kv_map=None)
+    for flag, default in defaults.items():
+        if getattr(args, flag) != default:
+            raise MinadeptError(f"--{flag.replace('_', '-')} has no effect with --engine transformers (it runs full depth)")
+    write_dump_transformers(args.model, args.prompt, args.out, threads=args.threads)
+    print(f"wrote {args.out} (transformers, full depth)", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args) -> int:
+    """``check``: 0 within tolerance, 1 not, 2 unusable input (one line on stderr)."""
+    from .check import DEFAULT_ATOL, DEFAULT_RTOL, CheckInputError, run_check
+    try:
+        return run_check(args.ref, args.cand, atol=DEFAULT_ATOL if args.atol is None else args.atol,
+                         rtol=DEFAULT_RTOL if args.rtol is None else args.rtol, as_json=args.json)
+    except CheckInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_eval(args) -> int:
@@ -477,6 +513,7 @@ def _calibrate_output(out_arg, model_path, force: bool):
 
 
 COMMANDS = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info, "dump": cmd_dump, "eval": cmd_eval}
+COMMANDS["check"] = cmd_check
 
 
 def main(argv=None) -> int:
@@ -484,7 +521,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise MinadeptError("missing command (generate, eval, calibrate, dump or info); see minadept --help")
+            raise MinadeptError("missing command (generate, eval, calibrate, dump, check or info); see minadept --help")
         from . import backend
         backend.use()
         _check_threads(getattr(args, "threads", None))

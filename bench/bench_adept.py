@@ -29,19 +29,20 @@ from threadpoolctl import threadpool_limits
 from bench_exits import paired_speed, prompts_from_valid, time_generation
 from minadept import backend
 from minadept.engine import Engine
-from minadept.evaluate import SWEEP, evaluate, plot_sweep, reference_top1
+from minadept.evaluate import evaluate, plot_sweep, reference_top1
 from minadept.exits.adept import ADEPT_FILE, load_adept
-from minadept.exits.adept import adept_engine as engine_with_maps
-from minadept.exits.policies import make_policy
+from minadept.exits.policies import POLICIES
 from minadept.model import Model
+from minadept.settings import EngineSettings, build_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 ADEPT_TAUS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99]
 
 
-def adept_engine(model, params, tau, exit_map=True, kv_map=True, **kw):
-    pol = make_policy("adept", model.config, threshold=tau, adept=params)
-    return engine_with_maps(model, pol, params, exit_map=exit_map, kv_map=kv_map, **kw)
+def adept_engine(model, params, tau, exit_map=True, kv_map=True, fill="eager", kv="propagate"):
+    st = EngineSettings(exit="adept", threshold=tau, exit_map=None if exit_map else "identity",
+                        kv_map=None if kv_map else "identity", kv=kv, kv_fill=fill)
+    return build_engine(model, st, adept=params)
 
 
 def dominates(a, b):
@@ -122,12 +123,13 @@ def quality(model, params, full, ids, eval_ids, full_valid):
     rows = [quality_row("none", "", full_q)]
     settings = [("adept", dict(threshold=t)) for t in sorted(set(ADEPT_TAUS) | {tau0})]
     settings += [("fixed", dict(exit_layer=k)) for k in range(1, L)]
-    settings += [(name, dict(threshold=t)) for name, taus in SWEEP.items() for t in taus]
+    settings += [(name, dict(threshold=t)) for name, spec in POLICIES.items() if name != "adept"
+                 for t in spec.sweep]
     for name, kw in settings:
         if name == "adept":
             eng = adept_engine(model, params, kw["threshold"])
         else:
-            eng = Engine(model, make_policy(name, cfg, **kw))
+            eng = build_engine(model, EngineSettings(exit=name, **kw))
         setting = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold", "tau")
         rows.append(quality_row(name, setting, evaluate(eng, eval_ids, ref)))
         print(fmt(rows[-1]), flush=True)

@@ -15,10 +15,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from minadept import backend
-from minadept.engine import Engine
-from minadept.exits.adept import adept_engine, load_adept
-from minadept.exits.policies import make_policy
+from minadept.exits.adept import load_adept
 from minadept.model import Model
+from minadept.settings import EngineSettings, build_engine
 
 VALID = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "valid.txt"
 
@@ -53,10 +52,10 @@ def main(argv=None):
     starts = np.random.default_rng(0).integers(0, len(ids) - args.prompt_tokens, args.prompts)
     prompts = [ids[s:s + args.prompt_tokens] for s in starts]
     ap = load_adept(m.path, m.config)
-    settings = {"full depth": lambda: Engine(m, make_policy("none", m.config)),
-                f"adept {ap.threshold:g}": lambda: adept_engine(m, make_policy("adept", m.config, adept=ap), ap),
-                "confidence 0.9": lambda: Engine(m, make_policy("confidence", m.config, threshold=0.9)),
-                f"fixed {L // 2}": lambda: Engine(m, make_policy("fixed", m.config, exit_layer=L // 2))}
+    settings = {"full depth": lambda: build_engine(m),
+                f"adept {ap.threshold:g}": lambda: build_engine(m, EngineSettings(exit="adept"), adept=ap),
+                "confidence 0.9": lambda: build_engine(m, EngineSettings(exit="confidence", threshold=0.9)),
+                f"fixed {L // 2}": lambda: build_engine(m, EngineSettings(exit="fixed", exit_layer=L // 2))}
     rows = {}
     for label, mk in settings.items():
         res = {b: {"pre": [], "dec": [], "toks": []} for b in ("numpy", "fast")}

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from minadept.engine import Engine
 from minadept.evaluate import evaluate, reference_top1, sweep_settings
-from minadept.exits.policies import make_policy
+from minadept.settings import EngineSettings, build_engine
 from minadept.model import Model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +89,9 @@ def main(argv=None):
           f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.threads} threads")
     speed = {"full depth": None}
     ratios = {}
-    for label, eng in [(f"fixed {L // 2} eager", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2))),
-                       (f"fixed {L // 2} lazy", Engine(model, make_policy("fixed", model.config, exit_layer=L // 2), fill="lazy"))]:
+    fixed = EngineSettings(exit="fixed", exit_layer=L // 2)
+    for label, eng in [(f"fixed {L // 2} eager", build_engine(model, fixed)),
+                       (f"fixed {L // 2} lazy", build_engine(model, fixed.with_(kv_fill="lazy")))]:
         b, o = paired_speed(full, eng, prompts, args.new_tokens, args.rounds)
         speed["full depth"] = b if speed["full depth"] is None else speed["full depth"]
         speed[label] = o
@@ -113,7 +114,7 @@ def main(argv=None):
     hdr = f"{'exit':<11}{'setting':<15}{'ppl':>9}{'agree':>8}{'exit':>7}{'compute':>9}{'prefill x':>11}{'decode x':>10}"
     print(hdr)
     for name, kw in sweep_settings(L):
-        eng = Engine(model, make_policy(name, model.config, **kw))
+        eng = build_engine(model, EngineSettings(exit=name, **kw))
         q = evaluate(eng, eval_ids, ref)
         (bp, bd), (p, d) = paired_speed(full, eng, prompts, args.new_tokens, 2)
         row = dict(exit=name, setting=",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold", "tau"),

@@ -149,48 +149,18 @@ def set_threads(args, model) -> int:
     return n
 
 
+def _settings(args):
+    """The ``EngineSettings`` of the policy flags, checked before anything is loaded."""
+    from .settings import EngineSettings
+    horizon = getattr(args, "max_new_tokens", None) or 128
+    st = EngineSettings.from_args(args, horizon=horizon)
+    st.check(sweep=getattr(args, "sweep", False))
+    return st
+
+
 def _engine(args, model):
-    from .engine import Engine
-    from .exits.policies import make_policy
-    adept = _load_adept(args, model)
-    policy = make_policy(args.exit, model.config, threshold=args.threshold, exit_layer=args.exit_layer,
-                         min_exit_layer=args.min_exit_layer, schedule=args.schedule,
-                         horizon=getattr(args, "max_new_tokens", 128) or 128, adept=adept)
-    if adept is None:
-        return Engine(model, policy, kv=args.kv, fill=args.kv_fill)
-    from .exits.adept import adept_engine
-    return adept_engine(model, policy, adept, exit_map=args.exit_map != "identity",
-                        kv_map=args.kv_map != "identity" and args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
-
-
-def _load_adept(args, model):
-    """The calibrated AdeptParams for ``--exit adept`` (None for other policies)."""
-    if args.exit != "adept":
-        return None
-    from .exits.adept import ADEPT_FILE, load_adept
-    return load_adept(args.adept or model.path / ADEPT_FILE, model.config)
-
-
-def _check_policy_args(args):
-    """Catch impossible combinations before loading anything."""
-    if args.kv_fill == "lazy" and args.kv != "propagate":
-        raise MinadeptError(f"--kv-fill lazy works only with --kv propagate, not --kv {args.kv}")
-    for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map), ("--adept", args.adept)):
-        if value is not None and args.exit != "adept" and not (flag == "--adept" and getattr(args, "sweep", False)):
-            raise MinadeptError(f"{flag} works only with --exit adept" + (" or eval --sweep" if flag == "--adept" else ""))
-    for flag, value in (("--exit-map", args.exit_map), ("--kv-map", args.kv_map)):
-        if value not in (None, "learned", "identity"):
-            raise MinadeptError(f"{flag} must be learned or identity, got {value!r}")
-    if args.kv_map == "learned" and args.kv != "propagate":
-        raise MinadeptError(f"--kv-map learned works only with --kv propagate (--kv {args.kv} computes K/V its own way)")
-    if args.adept is not None and not args.adept.strip():
-        raise MinadeptError("--adept is empty (give the policy file or its directory)")
-    if getattr(args, "sweep", False):
-        for flag, value in (("--exit", None if args.exit == "none" else args.exit), ("--threshold", args.threshold),
-                            ("--exit-layer", args.exit_layer), ("--min-exit-layer", args.min_exit_layer),
-                            ("--exit-map", args.exit_map), ("--kv-map", args.kv_map)):
-            if value is not None:
-                raise MinadeptError(f"{flag} has no effect with --sweep (it runs every policy at its own settings)")
+    from .settings import build_engine
+    return build_engine(model, _settings(args))
 
 
 # ----------------------------------------------------------------------------- generate
@@ -230,7 +200,7 @@ def cmd_generate(args) -> int:
     sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 0:
         raise MinadeptError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    _check_policy_args(args)
+    _settings(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = Model.load(args.model)
     threads = set_threads(args, model)
@@ -342,7 +312,7 @@ def cmd_info(args) -> int:
 def cmd_dump(args) -> int:
     from .dump import write_dump
     from .model import Model
-    _check_policy_args(args)
+    _settings(args)
     check_writable(args.out, "--out")
     if args.engine == "transformers":
         return _dump_transformers(args)
@@ -379,9 +349,89 @@ def cmd_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval_command
-    _check_policy_args(args)
-    return run_eval_command(args, _engine)
+    """``minadept eval``: one setting, or ``--sweep``. Prints a summary or a table; ``--json``
+    puts a JSON object on the last stdout line."""
+    from .evaluate import check_plot_output, read_token_stream
+    from .model import Model
+    settings = _settings(args)
+    if args.plot and not args.sweep:
+        raise MinadeptError("--plot needs --sweep")
+    if args.plot:
+        check_plot_output(args.plot)
+    model = Model.load(args.model)
+    set_threads(args, model)
+    ids = read_token_stream(model.tokenizer, args.text, args.max_tokens)
+    return (_eval_sweep if args.sweep else _eval_one)(args, settings, model, ids)
+
+
+def _eval_one(args, settings, model, ids) -> int:
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .evaluate import evaluate, full_depth_pass
+    from .settings import build_engine
+    engine = build_engine(model, settings)
+    policy_run = settings.exit != "none"
+    n_scored = len(ids) - 1          # every token but the first is scored (``evaluate.windows``)
+    # progress over tokens (both passes for a policy run); disable=None: only on a terminal
+    with tqdm(total=n_scored * (2 if policy_run else 1), unit="tok", leave=False, disable=None,
+              file=sys.stderr, desc="full depth" if policy_run else "eval") as bar:
+        if policy_run:
+            base, ref = full_depth_pass(Engine(model), ids, progress=bar)
+            bar.set_description(settings.exit)
+            res = evaluate(engine, ids, ref, progress=bar)
+        else:
+            res = base = evaluate(engine, ids, None, progress=bar)
+    res.setdefault("agreement", 1.0)
+    res["full_depth_ppl"] = base["ppl"]
+    res.update(engine.settings())
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    n = res["tokens"]
+    print(f"perplexity {res['ppl']:.3f} over {n} token{'' if n == 1 else 's'} (nll {res['nll']:.4f} nats/token)")
+    if policy_run:
+        print(f"full-depth perplexity {base['ppl']:.3f} (baseline, same tokens; this policy "
+              f"{res['ppl'] / base['ppl'] - 1:+.2%})")
+        print(f"agreement {res['agreement']:.4f} (share of positions whose top-1 token equals "
+              f"full depth's), mean exit layer {res['mean_exit_layer']:.2f} of {model.config.n_layer}, "
+              f"compute fraction {res['compute_fraction']:.4f} (FLOPs / full depth's)")
+    return 0
+
+
+def _eval_sweep(args, settings, model, ids) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .evaluate import SWEEP_HEADER, evaluate, format_row, full_depth_pass, plot_sweep, sweep_settings
+    from .exits.adept import ADEPT_FILE, load_adept
+    from .settings import build_engine
+    shipped = (model.path / ADEPT_FILE).is_file()
+    adept = load_adept(settings.adept or model.path, model.config) if settings.adept or shipped else None
+    points = sweep_settings(model.config.n_layer, adept=adept is not None)
+    print(SWEEP_HEADER)
+    # progress over sweep points; disable=None: only on a terminal
+    bar = tqdm(points, unit="pt", leave=False, disable=None, file=sys.stderr, desc="sweep")
+    rows, ref = [], None
+    for name, kw in bar:
+        if name == "none":       # full depth is the reference: one pass gives its row and the top-1s
+            res, ref = full_depth_pass(Engine(model), ids)
+        else:
+            res = evaluate(build_engine(model, settings.with_(exit=name, adept=None, **kw), adept=adept), ids, ref)
+        res["exit"] = name
+        res["setting"] = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold=", "tau=")
+        rows.append(res)
+        bar.write(format_row(res), file=sys.stdout)
+        sys.stdout.flush()
+    bar.close()
+    if args.plot:
+        n = rows[0]["tokens"] if rows else len(ids) - 1
+        plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {n} scored tokens")
+    if args.json:
+        print(json.dumps({"sweep": rows}))
+    return 0
 
 
 def cmd_calibrate(args) -> int:

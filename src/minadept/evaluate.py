@@ -17,11 +17,6 @@ from tqdm import tqdm
 
 from .errors import MinadeptError
 
-SWEEP = {
-    "confidence": [0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
-    "margin": [0.3, 0.5, 0.7, 0.8, 0.9, 0.98],
-    "saturation": [0.9, 0.95, 0.97, 0.98, 0.99, 0.995],
-}
 
 
 def read_token_stream(tokenizer, path: str | Path, max_tokens: int | None = None) -> np.ndarray:
@@ -111,19 +106,15 @@ def evaluate_windows(engine, wins, ref_top1=None, progress=None, _top1_out: list
     return out
 
 
-ADEPT_SWEEP = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
-
-
-def sweep_settings(n_layer: int, adept: bool = False):
-    """(policy name, kwargs) for every point of the default sweep (``adept`` adds the learned
-    policy's thresholds, for a calibrated model)."""
-    pts = [("none", {})]
-    for k in range(2, n_layer, 2):
-        pts.append(("fixed", {"exit_layer": k}))
-    for name, taus in SWEEP.items():
-        pts += [(name, {"threshold": t}) for t in taus]
-    if adept:
-        pts += [("adept", {"threshold": t}) for t in ADEPT_SWEEP]
+def sweep_settings(n_layer: int, adept: bool = False) -> list:
+    """(policy name, settings) for every point of the default sweep: full depth, a fixed exit at
+    every second layer, each threshold policy's ``PolicySpec.sweep`` (``adept`` adds the learned
+    policy's, for a calibrated model)."""
+    from .exits.policies import POLICIES
+    pts = [("none", {})] + [("fixed", {"exit_layer": k}) for k in range(2, n_layer, 2)]
+    for name, spec in POLICIES.items():
+        if spec.sweep and (name != "adept" or adept):
+            pts += [(name, {"threshold": t}) for t in spec.sweep]
     return pts
 
 
@@ -248,88 +239,11 @@ def plot_sweep(rows: list[dict], out: str | None, title: str = ""):
     return fig
 
 
-def _fmt_row(r: dict) -> str:
+def format_row(r: dict) -> str:
+    """One row of the sweep table (``SWEEP_HEADER``)."""
     setting = r.get("setting", "")
     return (f"{r['exit']:<11}{setting:<14}{r['ppl']:>10.3f}{r.get('agreement', 1.0):>11.4f}"
             f"{r['mean_exit_layer']:>11.2f}{r['compute_fraction']:>10.4f}")
 
 
-def run_eval_command(args, make_engine) -> int:
-    """``minadept eval``: one setting, or ``--sweep``. Prints a table / summary; ``--json`` puts a
-    JSON object on the last stdout line."""
-    from .cli import set_threads
-    from .engine import Engine
-    from .model import Model
-
-    if args.plot and not args.sweep:
-        raise MinadeptError("--plot needs --sweep")
-    if args.plot:
-        check_plot_output(args.plot)
-    model = Model.load(args.model)
-    set_threads(args, model)
-    ids = read_token_stream(model.tokenizer, args.text, args.max_tokens)
-    n_scored = len(ids) - 1          # every token but the first is scored (see ``windows``)
-    full = Engine(model)
-    if not args.sweep:
-        engine = make_engine(args, model)
-        policy_run = args.exit != "none"
-        # progress over tokens (both passes for a policy run); disable=None: only on a terminal
-        with tqdm(total=n_scored * (2 if policy_run else 1), unit="tok", leave=False, disable=None,
-                  file=sys.stderr, desc="full depth" if policy_run else "eval") as bar:
-            if policy_run:
-                base, ref = full_depth_pass(full, ids, progress=bar)
-                bar.set_description(args.exit)
-                res = evaluate(engine, ids, ref, progress=bar)
-            else:
-                res = evaluate(engine, ids, None, progress=bar)
-                base = res
-        res.setdefault("agreement", 1.0)
-        res["full_depth_ppl"] = base["ppl"]
-        res.update(engine.settings())
-        if not args.json:
-            n = res["tokens"]
-            print(f"perplexity {res['ppl']:.3f} over {n} token{'' if n == 1 else 's'} "
-                  f"(nll {res['nll']:.4f} nats/token)")
-            if policy_run:
-                print(f"full-depth perplexity {base['ppl']:.3f} (baseline, same tokens; this policy "
-                      f"{res['ppl'] / base['ppl'] - 1:+.2%})")
-                print(f"agreement {res['agreement']:.4f} (share of positions whose top-1 token equals "
-                      f"full depth's), mean exit layer {res['mean_exit_layer']:.2f} of {model.config.n_layer}, "
-                      f"compute fraction {res['compute_fraction']:.4f} (FLOPs / full depth's)")
-        print(json.dumps(res) if args.json else "", end="\n" if args.json else "")
-        return 0
-    rows = []
-    from .exits.adept import ADEPT_FILE, adept_engine, load_adept
-    from .exits.policies import make_policy
-    shipped = (model.path / ADEPT_FILE).is_file()
-    adept = load_adept(args.adept or model.path, model.config) if args.adept or shipped else None
-    settings = sweep_settings(model.config.n_layer, adept=adept is not None)
-    print(f"{'exit':<11}{'setting':<14}{'ppl':>10}{'agreement':>11}{'mean_exit':>11}{'compute':>10}")
-    # progress over sweep points; disable=None: only on a terminal
-    bar = tqdm(settings, unit="pt", leave=False, disable=None, file=sys.stderr, desc="sweep")
-    ref = None
-    for name, kw in bar:
-        if name == "none":
-            # full depth is the reference: one pass gives both the row and the top-1 predictions
-            res, ref = full_depth_pass(full, ids)
-        else:
-            if ref is None:
-                ref = reference_top1(full, ids)
-            policy = make_policy(name, model.config, adept=adept, **kw)
-            if name == "adept":
-                eng = adept_engine(model, policy, adept, kv_map=args.kv == "propagate", kv=args.kv, fill=args.kv_fill)
-            else:
-                eng = Engine(model, policy, kv=args.kv, fill=args.kv_fill)
-            res = evaluate(eng, ids, ref)
-        res["exit"] = name
-        res["setting"] = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold=", "tau=")
-        rows.append(res)
-        bar.write(_fmt_row(res), file=sys.stdout)
-        sys.stdout.flush()
-    bar.close()
-    if args.plot:
-        n = rows[0]["tokens"] if rows else n_scored
-        plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {n} scored tokens")
-    if args.json:
-        print(json.dumps({"sweep": rows}))
-    return 0
+SWEEP_HEADER = f"{'exit':<11}{'setting':<14}{'ppl':>10}{'agreement':>11}{'mean_exit':>11}{'compute':>10}"

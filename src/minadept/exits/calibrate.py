@@ -26,7 +26,7 @@ import numpy as np
 from .. import model as M
 from ..errors import MinadeptError
 from ..reference import normalize
-from .adept import AdeptParams, adept_engine, n_pairs, pair_index, policy_features
+from .adept import AdeptParams, n_pairs, pair_index, policy_features
 
 #: fewest windows (of min(n_positions, 256) tokens) a calibration fits on, after the hold-out
 MIN_FIT_WINDOWS = 16
@@ -163,13 +163,11 @@ def choose_threshold(model, params: AdeptParams, windows: np.ndarray, target: fl
     the target the most conservative one (max of ``taus``) is returned."""
     from ..engine import Engine
     from ..evaluate import evaluate_windows
-    from .policies import make_policy
+    from ..settings import EngineSettings, build_engine
     full = evaluate_windows(Engine(model), windows)["ppl"]
     rows = []
     for tau in taus:
-        pol = make_policy("adept", model.config, threshold=tau, adept=params)
-        eng = adept_engine(model, pol, params)
-        r = evaluate_windows(eng, windows)
+        r = evaluate_windows(build_engine(model, EngineSettings(exit="adept", threshold=tau), adept=params), windows)
         rows.append({"tau": tau, "ppl": r["ppl"], "ppl_increase": r["ppl"] / full - 1,
                      "compute_fraction": r["compute_fraction"], "mean_exit_layer": r["mean_exit_layer"]})
         if progress is not None:

@@ -208,9 +208,24 @@ class Adept(ThresholdPolicy):
         return 2 * (config.n_embd + 2) + 10 * config.n_embd
 
 
-POLICIES = {"none": NoExit, "fixed": Fixed, "confidence": Confidence, "margin": Margin,
-            "saturation": Saturation, "adept": Adept}
-THRESHOLD_DEFAULTS = {"confidence": 0.9, "margin": 0.8, "saturation": 0.99}
+@dataclass(frozen=True)
+class PolicySpec:
+    """One exit policy as the CLI, the sweeps and ``make_policy`` see it. Adding a policy is a
+    class above and an entry here."""
+    cls: type
+    default_threshold: float | None = None     # threshold policies without a calibration
+    sweep: tuple = ()                          # thresholds ``eval --sweep`` runs
+
+
+POLICIES = {
+    "none": PolicySpec(NoExit),
+    "fixed": PolicySpec(Fixed),                # the sweep runs every second exit layer
+    "confidence": PolicySpec(Confidence, 0.9, (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)),
+    "margin": PolicySpec(Margin, 0.8, (0.3, 0.5, 0.7, 0.8, 0.9, 0.98)),
+    "saturation": PolicySpec(Saturation, 0.99, (0.9, 0.95, 0.97, 0.98, 0.99, 0.995)),
+    "adept": PolicySpec(Adept, None, (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)),   # default: the calibrated tau
+}
+THRESHOLD_DEFAULTS = {n: s.default_threshold for n, s in POLICIES.items() if s.default_threshold is not None}
 
 
 def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
@@ -275,4 +290,4 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
     tau = default if threshold is None else threshold
     sched = Constant(tau) if schedule == "constant" else Decay(tau, horizon=horizon)
     first = 1 if min_exit_layer is None else min_exit_layer
-    return Adept(sched, adept, first) if name == "adept" else POLICIES[name](sched, first)
+    return Adept(sched, adept, first) if name == "adept" else POLICIES[name].cls(sched, first)

@@ -11,6 +11,8 @@ HERE = Path(__file__).parent
 
 
 def extensions():
+    # _fast/kernels.pyx -> minadept._kernels (array kernels), _fast/decode.pyx -> minadept._decode
+    # (fused decode step); _fast/common.pxi is included by both (cythonize tracks it), not a module.
     pyx = sorted((HERE / "_fast").glob("*.pyx"))
     if not pyx or os.environ.get("MINADEPT_NO_EXT"):
         return []

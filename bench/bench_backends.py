@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     if backend._load_fast() is None:
-        raise SystemExit("error: minadept._fast_kernels is not built (pip install -e .)")
+        raise SystemExit("error: the compiled kernels (minadept._kernels, minadept._decode) are not built (pip install -e .)")
     threadpool_limits(args.threads)
     m = Model.load(None)
     L = m.config.n_layer

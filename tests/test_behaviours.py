@@ -53,7 +53,7 @@ def fast_available() -> bool:
 
 
 HAVE_FAST = fast_available()
-needs_fast = pytest.mark.skipif(not HAVE_FAST, reason="minadept._fast_kernels is not built")
+needs_fast = pytest.mark.skipif(not HAVE_FAST, reason="the compiled kernels are not built")
 
 
 @contextmanager

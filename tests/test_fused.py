@@ -1,4 +1,4 @@
-"""Issue 6: the fused single-token decode step (``_fast_kernels.DecodePlan``) equals its NumPy
+"""Issue 6: the fused single-token decode step (``minadept._decode.DecodePlan``) equals its NumPy
 twin, one block at a time (hypothesis, random shapes, positions and caches) and as the engine's
 single-token path (same exits, FLOPs, cache and tokens as the NumPy layer loop, every policy and
 K/V fill). Its BLAS products are float32 like NumPy's, summed in another order, so outputs are
@@ -22,8 +22,8 @@ from randmodel import random_model
 from test_engine import PROMPT, RandomExit, run
 from test_kernels import SETTINGS
 
-K = backend._load_fast()
-pytestmark = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
+K = backend._load_decode()
+pytestmark = pytest.mark.skipif(K is None, reason="minadept._kernels or minadept._decode is not built")
 
 
 @contextmanager

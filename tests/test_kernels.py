@@ -20,7 +20,7 @@ from minadept.errors import MinadeptError
 from minadept.exits.policies import cosine_rows, softmax_top2_numpy
 
 K = backend._load_fast()
-needs_fast = pytest.mark.skipif(K is None, reason="minadept._fast_kernels is not built")
+needs_fast = pytest.mark.skipif(K is None, reason="minadept._kernels or minadept._decode is not built")
 
 EXAMPLES = int(os.environ.get("MINADEPT_KERNEL_EXAMPLES", "200"))   # CI profile: >= 200 per kernel
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
@@ -192,7 +192,9 @@ def test_extension_is_built_where_a_compiler_exists():
         pytest.skip("MINADEPT_NO_EXT is set: built without the extension on purpose")
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler here")
-    assert backend._load_fast() is not None, "a C compiler is present but minadept._fast_kernels is not built"
+    missing = backend.fast_missing()                  # minadept._kernels and minadept._decode
+    assert not missing, f"a C compiler is present but {' and '.join(missing)} is not built"
+    assert backend._load_fast() is not None
 
 
 def test_fast_without_extension_is_an_error(monkeypatch):

@@ -23,17 +23,46 @@ FAST_MAX_ROWS = 8
 FAST_ATTENTION_MAX_QUERIES = 8
 
 
-def _load_fast():
+#: The compiled modules, both needed by the fast backend: setup.py builds ``_fast/kernels.pyx``
+#: (the array kernels) and ``_fast/decode.pyx`` (the fused decode step, ``DecodePlan``).
+FAST_MODULES = ("minadept._kernels", "minadept._decode")
+
+
+def _import_fast() -> tuple:
+    """(kernels module or None, decode module or None) as they import now."""
     try:
-        from . import _fast_kernels  # type: ignore[attr-defined]
-        return _fast_kernels
+        from . import _kernels  # type: ignore[attr-defined]
     except ImportError:
-        return None
+        _kernels = None
+    try:
+        from . import _decode  # type: ignore[attr-defined]
+    except ImportError:
+        _decode = None
+    return _kernels, _decode
+
+
+def fast_missing() -> list[str]:
+    """Names of the compiled modules that do not import (empty when the fast backend can run)."""
+    return [name for name, mod in zip(FAST_MODULES, _import_fast()) if mod is None]
+
+
+def _load_fast():
+    """The compiled array-kernel module (``minadept._kernels``), or None unless both compiled
+    modules import."""
+    kernels_mod, decode_mod = _import_fast()
+    return kernels_mod if kernels_mod is not None and decode_mod is not None else None
+
+
+def _load_decode():
+    """The compiled decode-step module (``minadept._decode``, ``DecodePlan``), or None unless
+    both compiled modules import."""
+    kernels_mod, decode_mod = _import_fast()
+    return decode_mod if kernels_mod is not None and decode_mod is not None else None
 
 
 def select(requested: str | None = None):
-    """Return (name, module or None). Raises MinadeptError for an unknown value or ``fast``
-    when the extension is not built."""
+    """Return (name, kernels module or None). Raises MinadeptError for an unknown value or ``fast``
+    when the extension (both compiled modules) is not built."""
     want = (requested or os.environ.get("MINADEPT_BACKEND") or "auto").lower()
     if want not in ("auto", "numpy", "fast"):
         raise MinadeptError(f"MINADEPT_BACKEND must be auto, numpy or fast, got {want!r}")
@@ -41,8 +70,10 @@ def select(requested: str | None = None):
         return "numpy", None
     fast = _load_fast()
     if fast is None and want == "fast":
-        raise MinadeptError("MINADEPT_BACKEND=fast but the compiled extension minadept._fast_kernels "
-                            "is not built (reinstall with pip install -e . and a C compiler)")
+        missing = fast_missing() or list(FAST_MODULES)
+        raise MinadeptError(f"MINADEPT_BACKEND=fast but the compiled extension is not built: "
+                            f"{' and '.join(missing)} missing (reinstall with pip install -e . "
+                            f"and a C compiler)")
     return ("fast", fast) if fast is not None else ("numpy", None)
 
 
@@ -67,7 +98,7 @@ def current() -> tuple:
 
 
 def kernels():
-    """The compiled kernel module, or None on the NumPy backend."""
+    """The compiled array-kernel module (``minadept._kernels``), or None on the NumPy backend."""
     return current()[1]
 
 

@@ -276,6 +276,7 @@ def verdict(res: CheckResult) -> str:
 
 
 def format_table(res: CheckResult, ref: dict | None = None, cand: dict | None = None) -> str:
+    """The human report: a row per layer, per-array summaries, agreement lines and the verdict."""
     s = res.shape
     out = [f"check {res.ref} (reference) vs {res.cand} (candidate): format_version {FORMAT_VERSION}, "
            f"{s['n_layer']} layers, {s['tokens']} tokens, n_embd {s['n_embd']}, {s['n_head']} heads, "
@@ -283,29 +284,41 @@ def format_table(res: CheckResult, ref: dict | None = None, cand: dict | None = 
            f"tolerance per token: max|d| <= atol + rtol * max|ref|, atol {res.atol:g}, rtol {res.rtol:g}",
            "",
            f"{'layer':>6}  {'hidden |d|':>10} {'rel':>8}  {'K |d|':>9} {'rel':>8}  {'V |d|':>9} {'rel':>8}  first token beyond"]
+    out += _layer_rows(res)
+    out.append("")
+    out += _array_summaries(res)
+    out += _agreement_lines(res, ref, cand)
+    out.append(verdict(res))
+    return "\n".join(out)
+
+
+def _cells(r) -> str:
+    return (f"{r.max_abs:10.2e} {r.max_rel:8.1e}" if r.array == "hidden_states"
+            else f"{r.max_abs:9.2e} {r.max_rel:8.1e}")
+
+
+def _layer_rows(res: CheckResult) -> list[str]:
+    """Layer 0 (the embedding), then each layer's hidden state, K and V, then the logits."""
     by = {(r.array, r.layer): r for r in res.rows}
-    L = s["n_layer"]
-
-    def cells(r):
-        return (f"{r.max_abs:10.2e} {r.max_rel:8.1e}" if r.array == "hidden_states"
-                else f"{r.max_abs:9.2e} {r.max_rel:8.1e}")
-
-    for l in range(L + 1):
+    out = []
+    for l in range(res.shape["n_layer"] + 1):
         h = by[("hidden_states", l)]
         if l == 0:
-            kv = f"{'-':>9} {'':>8}  {'-':>9} {'':>8}"
-            firsts = [h]
+            kv, firsts = f"{'-':>9} {'':>8}  {'-':>9} {'':>8}", [h]
         else:
             k, v = by[("K", l)], by[("V", l)]
-            kv = f"{cells(k)}  {cells(v)}"
-            firsts = [k, v, h]
+            kv, firsts = f"{_cells(k)}  {_cells(v)}", [k, v, h]
         beyond = ", ".join(f"{'h' if r.array == 'hidden_states' else r.array} {r.first_token}"
                            for r in firsts if r.first_token is not None) or "-"
-        out.append(f"{l:>6}  {cells(h)}  {kv}  {beyond}")
+        out.append(f"{l:>6}  {_cells(h)}  {kv}  {beyond}")
     lg = by[("logits", None)]
     out.append(f"{'logits':>6}  {lg.max_abs:10.2e} {lg.max_rel:8.1e}  {'':>9} {'':>8}  {'':>9} {'':>8}  "
                f"{'-' if lg.first_token is None else lg.first_token}")
-    out.append("")
+    return out
+
+
+def _array_summaries(res: CheckResult) -> list[str]:
+    out = []
     for name, arr in (("hidden_states", ("hidden_states",)), ("kv", ("K", "V")), ("logits", ("logits",))):
         rs = [r for r in res.rows if r.array in arr]
         f = next((r for r in rs if r.first_token is not None), None)
@@ -313,19 +326,20 @@ def format_table(res: CheckResult, ref: dict | None = None, cand: dict | None = 
                                           else f"layer {f.layer}{'' if name == 'hidden_states' else ' ' + f.array}, token {f.first_token}")
         out.append(f"{name:<14} max |d| {max(r.max_abs for r in rs):.2e}  max rel {max(r.max_rel for r in rs):.1e}  "
                    f"first beyond tolerance: {where}")
-    T = s["tokens"]
+    return out
+
+
+def _agreement_lines(res: CheckResult, ref: dict | None, cand: dict | None) -> list[str]:
+    T = res.shape["tokens"]
     ex = f"exit layers    {res.exit_agree}/{T} agree"
     if res.exit_first is not None and ref is not None and cand is not None:
         t = res.exit_first
         ex += f" (first difference: token {t}, {int(ref['exit_layers'][t])} vs {int(cand['exit_layers'][t])})"
-    out.append(ex)
     g = f"greedy tokens  {res.greedy_agree}/{T} agree"
     if res.greedy_first is not None:
         g += f" (first difference: token {res.greedy_first}"
         g += ")" if res.greedy_fail == res.greedy_first else ", a near-tie within tolerance)"
-    out.append(g)
-    out.append(verdict(res))
-    return "\n".join(out)
+    return [ex, g]
 
 
 def to_json(res: CheckResult) -> dict:

@@ -151,19 +151,41 @@ def _tau(r: dict) -> float | None:
 def plot_sweep(rows: list[dict], out: str | None, title: str = ""):
     """Quality vs compute for every policy: agreement and perplexity against compute fraction.
     Full depth (the ``none`` row, if any) is a large black star drawn on top; each threshold
-    policy's points carry their τ. Writes ``out`` (if given) and returns the (closed) Figure."""
+    policy's points carry their τ. Writes ``out`` (if given) and returns the (closed) Figure.
+    Raises MinadeptError without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
     except ImportError:
         raise MinadeptError("--plot needs matplotlib (pip install 'minadept[plot]')") from None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    keys = ("agreement", "ppl")
-    names = [n for n in dict.fromkeys(r["exit"] for r in rows) if n != "none"]
-    ppl = [r["ppl"] for r in rows]
-    # scales first, so that label placement below sees the final transforms
+    _set_scales(axes, [r["ppl"] for r in rows])   # first: label placement needs the final transforms
+    labels = _plot_policies(axes, rows)
+    _plot_full_depth(axes, rows)
+    axes[0].set_ylabel("top-1 agreement with full depth")
+    axes[1].set_ylabel("perplexity")
+    for ax in axes:
+        ax.axvline(1.0, color="black", lw=0.8, ls=":", zorder=1)
+        ax.set_xlabel("compute fraction (FLOPs incl. checks and propagation / full depth; log scale)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()   # final layout before the τ labels are placed in display coordinates
+    _place_labels(fig, axes, labels)
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+_KEYS = ("agreement", "ppl")
+
+
+def _set_scales(axes, ppl: list[float]) -> None:
+    """Log compute axes with plain ticks; a log perplexity axis only over more than a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
     for ax in axes:
         # Log-scaled compute axis: the LM-head policies (confidence, margin) cost up to ~3.5x
         # full depth, which on a linear axis squeezes every point below 1 (where the savings
@@ -176,52 +198,49 @@ def plot_sweep(rows: list[dict], out: str | None, title: str = ""):
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
         ax.xaxis.set_major_formatter(FuncFormatter(_plain))
         ax.xaxis.set_minor_locator(NullLocator())
-    if ppl and max(ppl) > 10 * min(ppl):      # log only when the range really spans decades
+    if ppl and max(ppl) > 10 * min(ppl):
         axes[1].set_yscale("log")
         axes[1].yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
         axes[1].yaxis.set_minor_formatter(NullFormatter())
     axes[1].yaxis.set_major_formatter(FuncFormatter(_plain))
-    labels: list[tuple[object, tuple[float, float], str, str]] = []   # (axes, point, text, colour)
-    for name in names:
+
+
+def _plot_policies(axes, rows: list[dict]) -> list:
+    """One line per policy (full depth apart); returns the τ labels to place as (axes, point,
+    text, colour). Points that coincide (e.g. every τ that never exits) share one label."""
+    labels = []
+    for name in (n for n in dict.fromkeys(r["exit"] for r in rows) if n != "none"):
         pts = sorted((r for r in rows if r["exit"] == name), key=lambda r: r["compute_fraction"])
         x = [r["compute_fraction"] for r in pts]
-        for ax, key in zip(axes, keys):
+        for ax, key in zip(axes, _KEYS):
             (line,) = ax.plot(x, [r.get(key, 1.0) for r in pts], "o-", label=name, ms=4, zorder=3)
-            # τ labels; points that coincide (e.g. every τ that never exits) share one label
             groups: dict[tuple, list[float]] = {}
             for r in pts:
-                t = _tau(r)
-                if t is not None:
-                    groups.setdefault((r["compute_fraction"], r.get(key, 1.0)), []).append(t)
+                if _tau(r) is not None:
+                    groups.setdefault((r["compute_fraction"], r.get(key, 1.0)), []).append(_tau(r))
             for xy, taus in groups.items():
                 taus = sorted(taus)
                 text = (f"τ={taus[0]:g}–{taus[-1]:g}" if len(taus) > 2
                         else "τ=" + "/".join(f"{t:g}" for t in taus))
                 labels.append((ax, xy, text, line.get_color()))
-    none = [r for r in rows if r["exit"] == "none"]
-    for r in none:
-        for ax, key in zip(axes, keys):
+    return labels
+
+
+def _plot_full_depth(axes, rows: list[dict]) -> None:
+    for r in (r for r in rows if r["exit"] == "none"):
+        for ax, key in zip(axes, _KEYS):
             ax.plot([r["compute_fraction"]], [r.get(key, 1.0)], "*", color="black", ms=15, mec="white",
                     mew=0.8, zorder=10, label="none (full depth)")
             ax.annotate("full depth", (r["compute_fraction"], r.get(key, 1.0)), xytext=(0, 10),
                         textcoords="offset points", ha="center", fontsize=8, fontweight="bold", zorder=11)
-    axes[0].set_ylabel("top-1 agreement with full depth")
-    axes[1].set_ylabel("perplexity")
-    for ax in axes:
-        ax.axvline(1.0, color="black", lw=0.8, ls=":", zorder=1)
-        ax.set_xlabel("compute fraction (FLOPs incl. checks and propagation / full depth; log scale)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()   # final layout before the τ labels are placed in display coordinates
-    # place each τ label at the first offset where it overlaps no earlier label and stays inside
-    # its axes horizontally (measured with the renderer, in display coordinates)
+
+
+def _place_labels(fig, axes, labels: list) -> None:
+    """Put each τ label at the first offset where it overlaps no earlier label and stays inside
+    its axes horizontally (measured with the renderer, in display coordinates)."""
     renderer = fig.canvas.get_renderer()
     candidates = [(4, 3), (4, -10), (-4, 3), (-4, -10), (4, 12), (-4, 12), (4, -19), (-4, -19)]
-    placed: dict[object, list] = {ax: [] for ax in axes}
-    for ax in axes:
-        placed[ax] += [t.get_window_extent(renderer) for t in ax.texts]   # the "full depth" captions
+    placed = {ax: [t.get_window_extent(renderer) for t in ax.texts] for ax in axes}   # "full depth"
     for ax, xy, text, colour in labels:
         ann = ax.annotate(text, xy, xytext=candidates[0], textcoords="offset points", fontsize=6,
                           color=colour, va="bottom")
@@ -233,10 +252,6 @@ def plot_sweep(rows: list[dict], out: str | None, title: str = ""):
             if bb.x0 >= box.x0 and bb.x1 <= box.x1 and not any(bb.overlaps(o) for o in placed[ax]):
                 break
         placed[ax].append(bb)
-    if out is not None:
-        fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return fig
 
 
 def format_row(r: dict) -> str:

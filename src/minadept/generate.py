@@ -52,11 +52,8 @@ def prepare_prompt(engine: Engine, prompt_ids) -> list[int]:
     return ids
 
 
-def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: SamplingSettings,
-             rng: np.random.Generator, eot_id: int | None = None, state: Generation | None = None):
-    """Generator of ``Step``s: prefill, then decode until ``<|endoftext|>`` (``eot_id``, which is
-    yielded), ``max_new_tokens``, or a full context. Pass ``state`` to read ``stop_reason`` after.
-    Raises MinadeptError for max_new_tokens < 0 or an over-long prompt."""
+def _check_generate_args(engine, max_new_tokens, sampling, rng, eot_id, state) -> None:
+    """``generate``'s arguments, checked; raises MinadeptError naming the first bad one."""
     if not isinstance(engine, Engine):
         raise MinadeptError(f"engine must be an Engine (Engine(model, policy)), got {type(engine).__name__}")
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -71,6 +68,14 @@ def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: Sampl
         raise MinadeptError(f"eot_id must be a token id in [0, {V}) or None, got {eot_id!r}")
     if state is not None and not isinstance(state, Generation):
         raise MinadeptError(f"state must be a Generation or None, got {type(state).__name__}")
+
+
+def generate(engine: Engine, prompt_ids, *, max_new_tokens: int, sampling: SamplingSettings,
+             rng: np.random.Generator, eot_id: int | None = None, state: Generation | None = None):
+    """Generator of ``Step``s: prefill, then decode until ``<|endoftext|>`` (``eot_id``, which is
+    yielded), ``max_new_tokens``, or a full context. Pass ``state`` to read ``stop_reason`` after.
+    Raises MinadeptError for max_new_tokens < 0 or an over-long prompt."""
+    _check_generate_args(engine, max_new_tokens, sampling, rng, eot_id, state)
     max_new_tokens = int(max_new_tokens)
     ids = prepare_prompt(engine, prompt_ids)
     gen = state if state is not None else Generation(prompt_ids=ids)

@@ -62,11 +62,11 @@ class Model:
 
     @cached_property
     def decode_plan(self):
-        """The fused single-token decode step (``_fast_kernels.DecodePlan``) over these weights,
+        """The fused single-token decode step (``minadept._decode.DecodePlan``) over these weights,
         or None when the extension is not built or the model's GELU is the erf form (the step
         implements the tanh form GPT-2 uses). Built once, on the first fast decode."""
-        K = backend._load_fast()
-        if K is None or self.config.gelu != "tanh":
+        D = backend._load_decode()
+        if D is None or self.config.gelu != "tanh":
             return None
         p = self.params
         blocks = [tuple(getattr(b, f.name) for f in fields(b)) for b in p.h]
@@ -75,7 +75,7 @@ class Model:
         # threads. A small model (the embedded one: 27 MB) runs from cache, where waking a second
         # thread costs more than it saves and its spinning slows the next prefill's BLAS.
         split = 1 << 19 if 4 * self.n_params > DECODE_SPLIT_MODEL_BYTES else 1 << 62
-        return K.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, self.lm_head_t,
+        return D.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, self.lm_head_t,
                             self.config.n_head, self.config.layer_norm_epsilon, split)
 
     # -- stacked ln_1 / c_attn K,V weights for batched KV propagation (ADEPT engine) --

@@ -158,8 +158,6 @@ def load_adept(path, config) -> AdeptParams:
     """
     import os
 
-    from safetensors import SafetensorError, safe_open
-
     from ..config import GPT2Config
     if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
         raise MinadeptError(f"ADEPT policy path must be a file or directory path (str or os.PathLike), "
@@ -171,11 +169,27 @@ def load_adept(path, config) -> AdeptParams:
         p = p / ADEPT_FILE
     if not p.is_file():
         raise MinadeptError(f"no calibrated ADEPT policy at {p} (run: minadept calibrate --text FILE)")
+    meta, tensors = _read_adept_file(p)
+    want = _check_adept_tensors(p, tensors, config)
+    try:
+        tau = float(meta["threshold"])
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, ValueError):
+        raise MinadeptError(f"{p}: bad metadata (threshold/info)") from None
+    if not 0.0 <= tau <= 1.0:
+        raise MinadeptError(f"{p}: stored threshold {tau} is not in [0, 1]")
+    return AdeptParams(**{k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in want},
+                       threshold=tau, info=info)
+
+
+def _read_adept_file(p: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of an ADEPT file, its format version checked."""
+    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(p), framework="numpy") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError):
         hint = (f" (pass {ADEPT_FILE} or its directory, not the .json written beside it)" if p.suffix == ".json"
                 else f" (expected {ADEPT_FILE} from minadept calibrate)")
         raise MinadeptError(f"cannot read ADEPT policy file {p}: not a safetensors file{hint}") from None
@@ -184,6 +198,12 @@ def load_adept(path, config) -> AdeptParams:
     if meta.get("format_version") != FORMAT_VERSION:
         raise MinadeptError(f"{p}: ADEPT file format version {meta.get('format_version')!r}, "
                             f"expected {FORMAT_VERSION!r}")
+    return meta, tensors
+
+
+def _check_adept_tensors(p: Path, tensors: dict, config) -> dict:
+    """Every tensor present, with the shape this model needs, a float dtype and finite values;
+    returns the expected shapes by name."""
     L, C, P = config.n_layer, config.n_embd, n_pairs(config.n_layer)
     r = tensors["kv_u"].shape[-1] if "kv_u" in tensors and tensors["kv_u"].ndim == 3 else "r"
     want = {"exit_w": (L - 1, C, C), "exit_b": (L - 1, C), "kv_u": (P, C, r), "kv_v": (P, r, C),
@@ -198,12 +218,4 @@ def load_adept(path, config) -> AdeptParams:
             raise MinadeptError(f"{p}: tensor {name!r} has dtype {tensors[name].dtype}, expected float")
         if not np.isfinite(tensors[name]).all():
             raise MinadeptError(f"{p}: tensor {name!r} has NaN or infinite values")
-    try:
-        tau = float(meta["threshold"])
-        info = json.loads(meta.get("info", "{}"))
-    except (KeyError, ValueError):
-        raise MinadeptError(f"{p}: bad metadata (threshold/info)") from None
-    if not 0.0 <= tau <= 1.0:
-        raise MinadeptError(f"{p}: stored threshold {tau} is not in [0, 1]")
-    return AdeptParams(**{k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in want},
-                       threshold=tau, info=info)
+    return want

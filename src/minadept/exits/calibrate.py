@@ -223,6 +223,36 @@ def check_text_length(cfg, n_tokens: int, min_fit_windows: int = MIN_FIT_WINDOWS
                             f"to fit, {need - min_fit_windows} held out); give a longer text")
 
 
+def fit_exit_maps(H: np.ndarray, ridge: float):
+    """Ridge exit maps h_k -> h_L for k = 1..L-1 from states H [L+1, N, C]: (exit_w [L-1, C, C],
+    exit_b [L-1, C], R^2 of each fit)."""
+    L, C = H.shape[0] - 1, H.shape[2]
+    exit_w = np.zeros((L - 1, C, C), np.float32)
+    exit_b = np.zeros((L - 1, C), np.float32)
+    r2 = []
+    for k in range(1, L):
+        exit_w[k - 1], exit_b[k - 1] = fit_ridge(H[k], H[L], ridge)
+        resid = H[k] @ exit_w[k - 1] + exit_b[k - 1] - H[L]
+        r2.append(1 - float((resid ** 2).sum() / ((H[L] - H[L].mean(0)) ** 2).sum()))
+    return exit_w, exit_b, r2
+
+
+def fit_policy(H: np.ndarray, labels: np.ndarray):
+    """The per-layer logistic exit policy from states H [L+1, N, C] and preference labels
+    [L-1, N]: (policy_w [L-1, C+2], policy_b [L-1]). A layer whose labels are all one class gets a
+    constant policy."""
+    L, C = H.shape[0] - 1, H.shape[2]
+    pw = np.zeros((L - 1, C + 2), np.float32)
+    pb = np.zeros(L - 1, np.float32)
+    for k in range(1, L):
+        t = labels[k - 1].astype(np.float64)
+        if t.min() == t.max():
+            pb[k - 1] = 20.0 if t[0] else -20.0
+        else:
+            pw[k - 1], pb[k - 1] = fit_logistic(policy_features(H[k], H[k - 1]), t)
+    return pw, pb
+
+
 def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0,
               max_tokens: int = 98304, target_ppl_increase: float = 0.05, heldout: float = HELDOUT,
               ridge: float = 1e-4, kv_rank: int = 24, progress_factory=None,
@@ -249,27 +279,13 @@ def calibrate(model, ids: np.ndarray, *, cost_weight: float = 1.0, seed: int = 0
     H = collect_states(Engine(model), fit_w, p)
     p.close()
     L = cfg.n_layer
-    exit_w = np.zeros((L - 1, cfg.n_embd, cfg.n_embd), np.float32)
-    exit_b = np.zeros((L - 1, cfg.n_embd), np.float32)
-    r2 = []
-    for k in range(1, L):
-        exit_w[k - 1], exit_b[k - 1] = fit_ridge(H[k], H[L], ridge)
-        resid = H[k] @ exit_w[k - 1] + exit_b[k - 1] - H[L]
-        r2.append(1 - float((resid ** 2).sum() / ((H[L] - H[L].mean(0)) ** 2).sum()))
+    exit_w, exit_b, r2 = fit_exit_maps(H, ridge)
     kv_u, kv_v, kv_c = fit_kv_maps(H, kv_rank, ridge)
     p = bar(H.shape[1], "exit quality (KL)")
     T = exit_quality(model, H, exit_w, exit_b, progress=p)
     p.close()
     labels = preference_labels(T, cost_weight)
-    pw = np.zeros((L - 1, cfg.n_embd + 2), np.float32)
-    pb = np.zeros(L - 1, np.float32)
-    for k in range(1, L):
-        X = policy_features(H[k], H[k - 1])
-        t = labels[k - 1].astype(np.float64)
-        if t.min() == t.max():                        # all one class: a constant policy
-            pb[k - 1] = 20.0 if t[0] else -20.0
-        else:
-            pw[k - 1], pb[k - 1] = fit_logistic(X, t)
+    pw, pb = fit_policy(H, labels)
     info = {"cost_weight": cost_weight, "seed": seed, "calibration_tokens": int(H.shape[1]),
             "heldout_tokens": int(held_w.shape[0] * n_ctx), "ridge": ridge, "kv_rank": kv_rank,
             "target_ppl_increase": target_ppl_increase,

@@ -228,20 +228,13 @@ POLICIES = {
 THRESHOLD_DEFAULTS = {n: s.default_threshold for n, s in POLICIES.items() if s.default_threshold is not None}
 
 
-def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
-                exit_layer: int | None = None, min_exit_layer: int | None = None,
-                schedule: str = "constant", horizon: int = 128, adept=None) -> Policy:
-    """Build a policy from CLI-style settings, checking them against ``config``.
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
-    ``adept``: the calibrated ``AdeptParams`` (needed by ``adept``; its threshold is the default).
-    Raises MinadeptError for an unknown name, ``adept`` without calibration, tau outside [0, 1], an exit layer outside
-    [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
-    """
+
+def _check_policy_types(name, config, threshold, exit_layer, min_exit_layer, horizon, adept) -> None:
+    """The types ``make_policy`` accepts; raises MinadeptError naming the first bad argument."""
     from .adept import AdeptParams
-
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
     if not isinstance(name, str):
         raise MinadeptError(f"exit policy name must be a str (one of {', '.join(POLICIES)}), got {type(name).__name__}")
     if not isinstance(config, GPT2Config):
@@ -249,24 +242,18 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating))):
         raise MinadeptError(f"--threshold must be a number in [0, 1], got {type(threshold).__name__} {threshold!r}")
     for flag, value in (("--exit-layer", exit_layer), ("--min-exit-layer", min_exit_layer)):
-        if value is not None and not is_int(value):
+        if value is not None and not _is_int(value):
             raise MinadeptError(f"{flag} must be an integer in [1, {config.n_layer}] (n_layer), "
                                 f"got {type(value).__name__} {value!r}")
-    if not is_int(horizon) or horizon < 1:
+    if not _is_int(horizon) or horizon < 1:
         raise MinadeptError(f"horizon must be an integer >= 1 (generated tokens), got {horizon!r}")
     if adept is not None and not isinstance(adept, AdeptParams):
         raise MinadeptError(f"adept must be an AdeptParams (load_adept(...)) or None, got {type(adept).__name__}")
-    L = config.n_layer
-    if name not in POLICIES:
-        raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)})")
-    if threshold is not None and not (0.0 <= threshold <= 1.0):   # NaN fails too
-        raise MinadeptError(f"--threshold must be in [0, 1], got {threshold}")
-    if exit_layer is not None and not (1 <= exit_layer <= L):
-        raise MinadeptError(f"--exit-layer must be in [1, {L}] (n_layer), got {exit_layer}")
-    if min_exit_layer is not None and not (1 <= min_exit_layer <= L):
-        raise MinadeptError(f"--min-exit-layer must be in [1, {L}] (n_layer), got {min_exit_layer}")
-    if not isinstance(schedule, str) or schedule not in ("constant", "decay"):
-        raise MinadeptError(f"unknown threshold schedule {schedule!r} (expected constant or decay)")
+
+
+def _baseline(name, threshold, exit_layer, min_exit_layer) -> Policy:
+    """``none`` or ``fixed``, which take no threshold; raises MinadeptError for a setting they
+    do not use."""
     if name == "none":
         for flag, value in (("--threshold", threshold), ("--exit-layer", exit_layer),
                             ("--min-exit-layer", min_exit_layer)):
@@ -279,6 +266,31 @@ def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None
         if threshold is not None or min_exit_layer is not None:
             raise MinadeptError("--exit fixed takes --exit-layer only, not --threshold or --min-exit-layer")
         return Fixed(exit_layer)
+
+
+def make_policy(name: str, config: GPT2Config, *, threshold: float | None = None,
+                exit_layer: int | None = None, min_exit_layer: int | None = None,
+                schedule: str = "constant", horizon: int = 128, adept=None) -> Policy:
+    """Build a policy from CLI-style settings, checking them against ``config``.
+
+    ``adept``: the calibrated ``AdeptParams`` (needed by ``adept``; its threshold is the default).
+    Raises MinadeptError for an unknown name, ``adept`` without calibration, tau outside [0, 1], an exit layer outside
+    [1, n_layer], min_exit_layer outside [1, n_layer], or a setting the policy does not use.
+    """
+    _check_policy_types(name, config, threshold, exit_layer, min_exit_layer, horizon, adept)
+    L = config.n_layer
+    if name not in POLICIES:
+        raise MinadeptError(f"unknown exit policy {name!r} (expected one of {', '.join(POLICIES)})")
+    if threshold is not None and not (0.0 <= threshold <= 1.0):   # NaN fails too
+        raise MinadeptError(f"--threshold must be in [0, 1], got {threshold}")
+    if exit_layer is not None and not (1 <= exit_layer <= L):
+        raise MinadeptError(f"--exit-layer must be in [1, {L}] (n_layer), got {exit_layer}")
+    if min_exit_layer is not None and not (1 <= min_exit_layer <= L):
+        raise MinadeptError(f"--min-exit-layer must be in [1, {L}] (n_layer), got {min_exit_layer}")
+    if not isinstance(schedule, str) or schedule not in ("constant", "decay"):
+        raise MinadeptError(f"unknown threshold schedule {schedule!r} (expected constant or decay)")
+    if name in ("none", "fixed"):
+        return _baseline(name, threshold, exit_layer, min_exit_layer)
     if exit_layer is not None:
         raise MinadeptError(f"--exit-layer is for --exit fixed, not --exit {name}")
     if name == "adept":

@@ -1,0 +1,279 @@
+# cython: language_level=3
+"""The fused single-token decode step of GPT-2, ``DecodePlan`` (compiled to ``minadept._decode``).
+
+A whole block for one token in one Python call: layer norms, the four matrix-vector products
+(BLAS ``sgemv`` through SciPy's BLAS interface for Cython, ``scipy.linalg.cython_blas``, so no
+Python between them; split over OpenMP threads for large models), the K/V write, attention over
+the cache and GELU. Twin of the NumPy layer loop, property-tested in tests/test_fused.py. The row
+primitives (``ln_row``, ``exp_approx``, ``gelu1``, ``attend_one``) live in ``common.pxi``, shared
+with the array kernels (``kernels.pyx``). float32 in and out; reductions accumulate in double.
+Bounds/wraparound checks are off unless the package was built with MINADEPT_BOUNDSCHECK=1.
+"""
+import threading
+
+import numpy as np
+from cython.parallel import prange
+cimport openmp
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
+
+include "common.pxi"
+
+
+# ----------------------------------------------------------------------------- BLAS sgemv, OpenMP row split
+
+cdef inline void gemv(const float* W, int K, int N, int lda, const float* x, float* y,
+                      float beta) noexcept nogil:
+    """y [N] = x [K] @ W [K, N] + beta * y, W row-major [in, out] as Conv1D stores it, rows
+    ``lda`` floats apart (BLAS sees the column-major [N, K] matrix W^T)."""
+    cdef char tr = b'N'
+    cdef int inc = 1
+    cdef float one = 1.0
+    blas_sgemv(&tr, &N, &K, &one, <float*>W, &lda, <float*>x, &inc, &beta, y, &inc)
+
+
+cdef void gemv_par(const float* W, int K, int N, const float* x, float* y, float beta,
+                   long split_min, int n_threads, float* parts) noexcept nogil:
+    """``gemv``, split over the OpenMP threads (at most ``n_threads``) when the matrix has at least
+    ``split_min`` weights: decode is bandwidth-bound, and two cores stream more than one. Each
+    thread takes a contiguous block of W's rows (the input dimension; measured 4-7% faster than
+    column blocks at 124M) into its own partial sum in ``parts`` [n_threads, N], then the parts
+    are added to beta * y."""
+    cdef int nt = openmp.omp_get_max_threads(), p, k0, kk, chunk, j
+    if nt > n_threads:
+        nt = n_threads
+    if nt <= 1 or <long>K * N < split_min:
+        gemv(W, K, N, N, x, y, beta)
+        return
+    chunk = (K + nt - 1) // nt
+    for p in prange(nt, num_threads=nt, schedule="static"):
+        k0 = p * chunk
+        kk = K - k0 if K - k0 < chunk else chunk
+        if kk > 0:
+            gemv(W + <long>k0 * N, kk, N, N, x + k0, parts + <long>p * N, 0.0)
+        else:
+            memset(parts + <long>p * N, 0, N * sizeof(float))
+    if beta == 0.0:                             # as BLAS: y is not read (it may hold NaN)
+        for j in prange(N, num_threads=nt, schedule="static"):
+            y[j] = reduce_parts(parts, nt, N, j)
+    else:
+        for j in prange(N, num_threads=nt, schedule="static"):
+            y[j] = beta * y[j] + reduce_parts(parts, nt, N, j)
+
+
+cdef inline float reduce_parts(const float* parts, int nt, int N, int j) noexcept nogil:
+    cdef float acc = parts[j]
+    cdef int p
+    for p in range(1, nt):
+        acc = acc + parts[<long>p * N + j]
+    return acc
+
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+cdef struct BlockW:
+    const float* ln_1_g
+    const float* ln_1_b
+    const float* c_attn_w
+    const float* c_attn_b
+    const float* attn_c_proj_w
+    const float* attn_c_proj_b
+    const float* ln_2_g
+    const float* ln_2_b
+    const float* c_fc_w
+    const float* c_fc_b
+    const float* mlp_c_proj_w
+    const float* mlp_c_proj_b
+
+
+cdef const float* _ptr(list keep, arr, tuple shape, str name) except NULL:
+    """Pointer to a float32 C-contiguous copy-or-view of ``arr`` (kept alive in ``keep``)."""
+    a = np.ascontiguousarray(arr, dtype=np.float32)
+    if a.shape != shape:
+        raise ValueError(f"DecodePlan: {name} has shape {a.shape}, expected {shape}")
+    keep.append(a)
+    cdef const float[::1] m = a.reshape(-1)
+    return &m[0]
+
+
+cdef class DecodePlan:
+    """The fused single-token decode step of one GPT-2 (twin of ``model.qkv`` + ``model.write_kv``
+    + ``model.block_rest`` for T = 1, and of ``final_norm`` + ``lm_head``; see
+    ``minadept/fused.py``). Holds pointers to the model's float32 weights and per-step scratch;
+    every matrix-vector product is one BLAS ``sgemv``, everything else is C, so a block costs one
+    Python call. The plan's scratch (and ``q``/``k``/``v``) is shared by all its calls, and the
+    threaded loops release the GIL: threads sharing a plan must hold ``lock`` for a whole step
+    (``Engine`` does).
+
+    blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
+    split_min: products with at least this many weights are split over the OpenMP threads;
+    attn_split_min: attention is split by heads over them from this many H * keys * D values.
+    """
+    cdef BlockW* blocks
+    cdef readonly int n_layer, n_embd, n_head, head_dim, n_inner, vocab_size, n_positions
+    cdef double eps, scale
+    cdef public long split_min, attn_split_min
+    cdef int n_threads
+    cdef const float* wte
+    cdef const float* wpe
+    cdef const float* ln_f_g
+    cdef const float* ln_f_b
+    cdef const float* lm_head_t
+    cdef list keep
+    cdef readonly object qkv, q, k, v      # [3C] buffer of the last block run; q/k/v [H, 1, D] views
+    cdef readonly object lock              # hold it for a whole step when threads share the plan
+    cdef float* qkv_p
+    cdef float* a_p
+    cdef float* o_p
+    cdef float* f_p
+    cdef double* w_p
+    cdef float* parts_p
+    cdef double* acc_p
+
+    def __cinit__(self, list blocks, wte, wpe, ln_f_g, ln_f_b, lm_head_t, int n_head, double eps,
+                  long split_min=1 << 21, long attn_split_min=1 << 16):
+        cdef int L = len(blocks), l
+        V, C = wte.shape
+        if L == 0 or C % n_head:
+            raise ValueError("DecodePlan: need n_layer >= 1 and n_embd divisible by n_head")
+        self.n_layer, self.n_embd, self.n_head, self.vocab_size = L, C, n_head, V
+        self.head_dim, self.n_inner, self.n_positions = C // n_head, 4 * C, wpe.shape[0]
+        self.eps, self.scale = eps, 1.0 / sqrt(<double>(C // n_head))
+        self.split_min, self.attn_split_min = split_min, attn_split_min
+        self.n_threads = max(1, openmp.omp_get_num_procs(), openmp.omp_get_max_threads())
+        self.keep = []
+        self.lock = threading.Lock()
+        F = 4 * C
+        self.wte = _ptr(self.keep, wte, (V, C), "wte")
+        self.wpe = _ptr(self.keep, wpe, (self.n_positions, C), "wpe")
+        self.ln_f_g = _ptr(self.keep, ln_f_g, (C,), "ln_f.weight")
+        self.ln_f_b = _ptr(self.keep, ln_f_b, (C,), "ln_f.bias")
+        self.lm_head_t = _ptr(self.keep, lm_head_t, (C, V), "lm_head (transposed)")
+        self.blocks = <BlockW*>malloc(L * sizeof(BlockW))
+        if self.blocks == NULL:
+            raise MemoryError()
+        shapes = [(C,), (C,), (C, 3 * C), (3 * C,), (C, C), (C,), (C,), (C,), (C, F), (F,), (F, C), (C,)]
+        for l in range(L):
+            b = blocks[l]
+            if len(b) != 12:
+                raise ValueError("DecodePlan: a block needs 12 arrays")
+            self.blocks[l].ln_1_g = _ptr(self.keep, b[0], shapes[0], f"h.{l}.ln_1.weight")
+            self.blocks[l].ln_1_b = _ptr(self.keep, b[1], shapes[1], f"h.{l}.ln_1.bias")
+            self.blocks[l].c_attn_w = _ptr(self.keep, b[2], shapes[2], f"h.{l}.attn.c_attn.weight")
+            self.blocks[l].c_attn_b = _ptr(self.keep, b[3], shapes[3], f"h.{l}.attn.c_attn.bias")
+            self.blocks[l].attn_c_proj_w = _ptr(self.keep, b[4], shapes[4], f"h.{l}.attn.c_proj.weight")
+            self.blocks[l].attn_c_proj_b = _ptr(self.keep, b[5], shapes[5], f"h.{l}.attn.c_proj.bias")
+            self.blocks[l].ln_2_g = _ptr(self.keep, b[6], shapes[6], f"h.{l}.ln_2.weight")
+            self.blocks[l].ln_2_b = _ptr(self.keep, b[7], shapes[7], f"h.{l}.ln_2.bias")
+            self.blocks[l].c_fc_w = _ptr(self.keep, b[8], shapes[8], f"h.{l}.mlp.c_fc.weight")
+            self.blocks[l].c_fc_b = _ptr(self.keep, b[9], shapes[9], f"h.{l}.mlp.c_fc.bias")
+            self.blocks[l].mlp_c_proj_w = _ptr(self.keep, b[10], shapes[10], f"h.{l}.mlp.c_proj.weight")
+            self.blocks[l].mlp_c_proj_b = _ptr(self.keep, b[11], shapes[11], f"h.{l}.mlp.c_proj.bias")
+        H, D = n_head, C // n_head
+        self.qkv = np.zeros(3 * C, dtype=np.float32)
+        self.q = self.qkv[:C].reshape(H, 1, D)
+        self.k = self.qkv[C:2 * C].reshape(H, 1, D)
+        self.v = self.qkv[2 * C:].reshape(H, 1, D)
+        scratch = [np.zeros(C, np.float32), np.zeros(C, np.float32), np.zeros(F, np.float32),
+                   np.zeros(self.n_threads * max(self.n_positions, 1), np.float64),
+                   np.zeros(self.n_threads * D, np.float64)]
+        self.keep.extend(scratch)
+        parts = np.zeros(self.n_threads * max(V, F, 3 * C), np.float32)     # split products' partial sums
+        self.keep.append(parts)
+        cdef float[::1] m_parts = parts
+        self.parts_p = &m_parts[0]
+        cdef float[::1] m_qkv = self.qkv, m_a = scratch[0], m_o = scratch[1], m_f = scratch[2]
+        cdef double[::1] m_w = scratch[3], m_acc = scratch[4]
+        self.qkv_p, self.a_p, self.o_p, self.f_p = &m_qkv[0], &m_a[0], &m_o[0], &m_f[0]
+        self.w_p, self.acc_p = &m_w[0], &m_acc[0]
+
+    def __dealloc__(self):
+        free(self.blocks)
+
+    cdef void _block(self, int l, float* x, float* kv_l, Py_ssize_t n_ctx, Py_ssize_t pos) noexcept nogil:
+        """Block l+1 for one token at ``pos``: x [C] in place; K/V written into kv_l, the layer's
+        cache [2, H, n_ctx, D]."""
+        cdef const BlockW* bw = &self.blocks[l]
+        cdef Py_ssize_t C = self.n_embd, H = self.n_head, D = self.head_dim, F = self.n_inner, h, j
+        cdef Py_ssize_t plane = H * n_ctx * D
+        cdef float* kh
+        cdef float* vh
+        cdef int nt, tid
+        ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
+        memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
+        self._gemv(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0)
+        nt = openmp.omp_get_max_threads()
+        if nt > self.n_threads:
+            nt = self.n_threads
+        if nt < 2 or H * (pos + 1) * D < self.attn_split_min:
+            nt = 1
+        for h in prange(H, num_threads=nt, schedule="static"):   # per head: write K/V, attend
+            tid = openmp.omp_get_thread_num()
+            kh = kv_l + h * n_ctx * D
+            vh = kv_l + plane + h * n_ctx * D
+            memcpy(kh + pos * D, self.qkv_p + C + h * D, D * sizeof(float))
+            memcpy(vh + pos * D, self.qkv_p + 2 * C + h * D, D * sizeof(float))
+            attend_one(self.qkv_p + h * D, kh, vh, D, D, pos + 1, D, self.scale,
+                       self.w_p + tid * self.n_positions, self.acc_p + tid * D, self.o_p + h * D)
+        for j in range(C):
+            x[j] += bw.attn_c_proj_b[j]
+        self._gemv(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0)       # x += o @ c_proj
+        ln_row(x, bw.ln_2_g, bw.ln_2_b, self.a_p, C, self.eps)
+        memcpy(self.f_p, bw.c_fc_b, F * sizeof(float))
+        self._gemv(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0)
+        for j in range(F):
+            self.f_p[j] = gelu1(self.f_p[j])
+        for j in range(C):
+            x[j] += bw.mlp_c_proj_b[j]
+        self._gemv(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0)        # x += gelu(..) @ c_proj
+
+    cdef inline void _gemv(self, const float* W, int K, int N, const float* x, float* y,
+                           float beta) noexcept nogil:
+        """y = x @ W + beta * y with this plan's split threshold, threads and partial sums."""
+        gemv_par(W, K, N, x, y, beta, self.split_min, self.n_threads, self.parts_p)
+
+    cdef float* _layer_cache(self, float[:, :, :, :, ::1] kv, int l, Py_ssize_t pos) except NULL:
+        if kv.shape[0] != self.n_layer or kv.shape[1] != 2 or kv.shape[2] != self.n_head \
+                or kv.shape[4] != self.head_dim:
+            raise ValueError("DecodePlan: the KV cache does not match the model")
+        if not (0 <= pos < kv.shape[3]) or pos >= self.n_positions:
+            raise ValueError(f"DecodePlan: position {pos} is outside the cache")
+        if not (0 <= l < self.n_layer):
+            raise ValueError(f"DecodePlan: no block {l}")
+        return &kv[l, 0, 0, 0, 0]
+
+    def embed(self, Py_ssize_t token, Py_ssize_t pos, float[::1] x):
+        """x [C] = wte[token] + wpe[pos] (twin of ``model.embed``)."""
+        if not (0 <= token < self.vocab_size and 0 <= pos < self.n_positions) or x.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.embed: token, position or buffer out of range")
+        cdef Py_ssize_t j, C = self.n_embd
+        for j in range(C):
+            x[j] = self.wte[token * C + j] + self.wpe[pos * C + j]
+
+    def block(self, int l, float[::1] x, float[::1] x_prev, float[:, :, :, :, ::1] kv, Py_ssize_t pos):
+        """Run block l+1 (0-based ``l``) for one token at ``pos``: copies x [C] into x_prev [C],
+        updates x in place, writes the token's K/V of that block into kv [n_layer, 2, H, n_ctx,
+        D] and leaves its q|k|v in ``self.qkv``. Attends to positions 0..pos of the cache."""
+        cdef float* kv_l = self._layer_cache(kv, l, pos)
+        if x.shape[0] != self.n_embd or x_prev.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.block: x and x_prev must have n_embd values")
+        memcpy(&x_prev[0], &x[0], self.n_embd * sizeof(float))
+        self._block(l, &x[0], kv_l, kv.shape[3], pos)
+
+    def blocks_range(self, int l0, int l1, float[::1] x, float[:, :, :, :, ::1] kv, Py_ssize_t pos):
+        """Blocks l0+1..l1 (0-based l0 <= l < l1) for one token, as repeated ``block`` calls."""
+        cdef int l
+        if x.shape[0] != self.n_embd:
+            raise ValueError("DecodePlan.blocks_range: x must have n_embd values")
+        for l in range(l0, l1):
+            self._block(l, &x[0], self._layer_cache(kv, l, pos), kv.shape[3], pos)
+
+    def head(self, const float[::1] x, float[::1] logits):
+        """logits [V] = ln_f(x [C]) @ lm_head^T (twin of ``final_norm`` + ``lm_head``)."""
+        if x.shape[0] != self.n_embd or logits.shape[0] != self.vocab_size:
+            raise ValueError("DecodePlan.head: x must have n_embd values and logits vocab_size")
+        ln_row(&x[0], self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
+        self._gemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0)

@@ -1,0 +1,226 @@
+# cython: language_level=3
+"""Cython twins of minadept's hot non-matmul array loops (compiled to ``minadept._kernels``).
+
+Each function is a drop-in twin of a NumPy function named in its docstring and is property-tested
+against it (tests/test_kernels.py). Matrix products stay in BLAS, through NumPy. float32 in and
+out; reductions accumulate in double. The row primitives (``ln_row``, ``exp_approx``, ``gelu1``,
+``attend_one``) live in ``common.pxi``, shared with the fused decode step (``decode.pyx``).
+Bounds/wraparound checks are off unless the package was built with MINADEPT_BOUNDSCHECK=1.
+"""
+import numpy as np
+from cython.parallel import prange
+cimport openmp
+from libc.math cimport INFINITY, exp, log, sqrt
+
+ctypedef const float[:, ::1] cmat
+
+include "common.pxi"
+
+
+# ----------------------------------------------------------------------------- array kernels
+
+def layer_norm(cmat x, const float[::1] g, const float[::1] b, double eps):
+    """Twin of ``nn.layer_norm`` for x [N, C] float32 (C-contiguous rows) -> new [N, C]."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], i
+    if g.shape[0] != C or b.shape[0] != C:
+        raise ValueError(f"layer_norm: x has {C} values per row, g {g.shape[0]}, b {b.shape[0]}")
+    out_arr = np.empty((N, C), dtype=np.float32)
+    cdef float[:, ::1] out = out_arr
+    if N == 0 or C == 0:
+        return out_arr
+    with nogil:
+        for i in range(N):
+            ln_row(&x[i, 0], &g[0], &b[0], &out[i, 0], C, eps)
+    return out_arr
+
+
+def gelu_tanh(cmat x):
+    """Twin of ``nn.gelu_tanh`` for x [N, M] float32 -> new [N, M]."""
+    cdef Py_ssize_t N = x.shape[0], M = x.shape[1], i, j
+    out_arr = np.empty((N, M), dtype=np.float32)
+    cdef float[:, ::1] out = out_arr
+    with nogil:
+        for i in range(N):
+            for j in range(M):
+                out[i, j] = gelu1(x[i, j])
+    return out_arr
+
+
+def attention(const float[:, :, :] q, const float[:, :, :] k, const float[:, :, :] v,
+              const long[::1] q_pos):
+    """Twin of ``nn.attention_numpy``: causal attention of q [H, T, D] at positions q_pos [T]
+    over k, v [H, S, D] (any strides, e.g. a KV-cache slice; copied if a row is not contiguous). Fused
+    scores, mask, stable softmax and weighted sum, accumulated in double (compare with
+    ``attention_numpy(..., np.float64)``); one OpenMP task per (head, query) for large jobs.
+    Returns [H, T, D] float32."""
+    cdef Py_ssize_t H = q.shape[0], T = q.shape[1], D = q.shape[2], S = k.shape[1]
+    if k.shape[0] != H or v.shape[0] != H or k.shape[2] != D or v.shape[2] != D or v.shape[1] != S \
+            or q_pos.shape[0] != T:
+        raise ValueError(f"attention: q {tuple(q.shape)[:3]}, k {tuple(k.shape)[:3]}, v {tuple(v.shape)[:3]} "
+                         f"and {q_pos.shape[0]} positions do not match")
+    out_arr = np.zeros((H, T, D), dtype=np.float32)
+    if H == 0 or T == 0 or D == 0 or S == 0:
+        return out_arr
+    cdef float[:, :, ::1] out = out_arr
+    if k.strides[2] != 4 or v.strides[2] != 4:
+        return attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), q_pos)
+    qc_arr = np.ascontiguousarray(q)
+    cdef const float[:, :, ::1] qc = qc_arr
+    scratch_arr = np.empty((H * T, S), dtype=np.float64)
+    acc_arr = np.empty((H * T, D), dtype=np.float64)
+    cdef double[:, ::1] scratch = scratch_arr
+    cdef double[:, ::1] accd = acc_arr
+    cdef Py_ssize_t job, h, t, last
+    cdef Py_ssize_t ks = k.strides[1] // 4, vs = v.strides[1] // 4
+    cdef double scale = 1.0 / sqrt(<double>D)
+    # OpenMP threads only for very large jobs: measured at 124M decode, waking them costs more
+    # than it saves and they fight OpenBLAS's spinning threads (7.8 vs 40 tokens/s).
+    cdef int nt = 1 if H * T * S * D < (1 << 24) else openmp.omp_get_max_threads()
+    for job in prange(H * T, nogil=True, schedule="static", num_threads=nt):
+        h = job // T
+        t = job % T
+        last = q_pos[t]
+        if last > S - 1:
+            last = S - 1
+        attend_one(&qc[h, t, 0], &k[h, 0, 0], &v[h, 0, 0], ks, vs, last + 1, D, scale,
+                   &scratch[job, 0], &accd[job, 0], &out[h, t, 0])
+    return out_arr
+
+
+def softmax_top2(cmat logits):
+    """Twin of the ``confidence``/``margin`` measures: for logits [N, V] -> (top-1 probability,
+    top-1 minus top-2 probability), each [N] float32, from a stable softmax per row (vectorised
+    single-precision exponentials, summed in double)."""
+    cdef Py_ssize_t N = logits.shape[0], V = logits.shape[1], i, j
+    p1_arr = np.empty(N, dtype=np.float32)
+    p2_arr = np.empty(N, dtype=np.float32)
+    e_arr = np.empty(max(V, 1), dtype=np.float32)
+    cdef float[::1] p1 = p1_arr, p2 = p2_arr
+    cdef float[::1] ev = e_arr
+    cdef float* e
+    cdef float m1, m2, x
+    cdef double z
+    cdef const float* row
+    e = &ev[0]
+    with nogil:
+        for i in range(N):
+            row = &logits[i, 0]
+            m1 = -INFINITY
+            m2 = -INFINITY
+            for j in range(V):
+                x = row[j]
+                if x > m1:
+                    m2 = m1
+                    m1 = x
+                elif x > m2:
+                    m2 = x
+            for j in range(V):
+                e[j] = exp_approx(row[j] - m1)
+            z = 0.0
+            for j in range(V):
+                z += e[j]
+            p1[i] = <float>(1.0 / z)
+            p2[i] = <float>((1.0 - exp(<double>m2 - m1)) / z) if V > 1 else <float>(1.0 / z)
+    return p1_arr, p2_arr
+
+
+def causal_softmax(scores_arr, const long[::1] q_pos, double scale):
+    """Twin of the masked softmax in ``nn.attention_numpy``, in place: raw scores q.k [H, T, S]
+    float32 -> for each (head, query t) the softmax of ``scale * scores`` over keys s <= q_pos[t],
+    and 0 for s > q_pos[t]. Differences to the row maximum in double, exponentials vectorised in
+    single precision, sums in double. Single-threaded on purpose: prefill interleaves it with
+    multi-threaded BLAS products, and a second thread pool spinning between them costs more than
+    it saves."""
+    cdef float[:, :, ::1] scores = scores_arr
+    cdef Py_ssize_t H = scores.shape[0], T = scores.shape[1], S = scores.shape[2], h, t, s, last
+    if q_pos.shape[0] != T:
+        raise ValueError(f"causal_softmax: {q_pos.shape[0]} query positions for {T} queries")
+    if scale <= 0:
+        raise ValueError("causal_softmax: scale must be positive")
+    cdef float* p
+    cdef float m
+    cdef double z
+    cdef float inv
+    with nogil:
+        for h in range(H):
+            for t in range(T):
+                p = &scores[h, t, 0]
+                last = q_pos[t]
+                if last > S - 1:
+                    last = S - 1
+                m = p[0]
+                for s in range(1, last + 1):
+                    if p[s] > m:
+                        m = p[s]
+                for s in range(last + 1):
+                    p[s] = exp_approx(<float>((<double>p[s] - m) * scale))
+                z = 0.0
+                for s in range(last + 1):
+                    z += p[s]
+                inv = <float>(1.0 / z)
+                for s in range(last + 1):
+                    p[s] = p[s] * inv
+                for s in range(last + 1, S):
+                    p[s] = 0.0
+    return scores_arr
+
+
+def cosine_rows(cmat a, cmat b):
+    """Twin of the ``saturation`` measure: cosine of rows a[i], b[i] ([N, C]) -> [N] float32,
+    clipped to [-1, 1]; a zero row gives 0."""
+    cdef Py_ssize_t N = a.shape[0], C = a.shape[1], i, j
+    if b.shape[0] != N or b.shape[1] != C:
+        raise ValueError("cosine_rows: a and b must have the same shape")
+    out_arr = np.empty(N, dtype=np.float32)
+    cdef float[::1] out = out_arr
+    cdef double ab, aa, bb, c
+    with nogil:
+        for i in range(N):
+            ab = 0.0
+            aa = 0.0
+            bb = 0.0
+            for j in range(C):
+                ab += <double>a[i, j] * b[i, j]
+                aa += <double>a[i, j] * a[i, j]
+                bb += <double>b[i, j] * b[i, j]
+            c = 0.0 if aa == 0 or bb == 0 else ab / (sqrt(aa) * sqrt(bb))   # NaN stays NaN
+            out[i] = <float>(1.0 if c > 1.0 else (-1.0 if c < -1.0 else c))
+    return out_arr
+
+
+def adept_logit(cmat h, cmat h_prev, const float[::1] w, double b, double eps):
+    """Twin of ``exits.adept.adept_logit_numpy``: the learned exit policy's logit for states
+    h [N, C] after block k and h_prev [N, C] after block k-1, with weights w [C + 2] and bias b
+    -> [N] float64: ``(h - mean) / sd . w[:C] + log(sd) w[C] + cos(h, h_prev) w[C+1] + b``,
+    sd = sqrt(var + eps). One pass over each row, no temporaries (the ADEPT gating check)."""
+    cdef Py_ssize_t N = h.shape[0], C = h.shape[1], i, j
+    if h_prev.shape[0] != N or h_prev.shape[1] != C or w.shape[0] != C + 2:
+        raise ValueError("adept_logit: shapes do not match")
+    out_arr = np.empty(N, dtype=np.float64)
+    cdef double[::1] out = out_arr
+    cdef double s, x, y, d, dw, var, hp, hh, pp, mu, sd, cos
+    with nogil:
+        for i in range(N):
+            s = 0.0
+            hh = 0.0
+            hp = 0.0
+            pp = 0.0
+            for j in range(C):                       # pass 1: mean and the cosine's sums
+                x = h[i, j]
+                y = h_prev[i, j]
+                s += x
+                hh += x * x
+                hp += x * y
+                pp += y * y
+            mu = s / C
+            var = 0.0
+            dw = 0.0
+            for j in range(C):                       # pass 2: centred variance and (h - mu) . w
+                d = h[i, j] - mu
+                var += d * d
+                dw += d * w[j]
+            sd = sqrt(var / C + eps)
+            cos = hp / (sqrt(hh) * sqrt(pp)) if hh > 0 and pp > 0 else 0.0
+            out[i] = dw / sd + log(sd) * w[C] + cos * w[C + 1] + b
+    return out_arr
+

@@ -125,58 +125,58 @@ def using(requested: str):
 def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     """``reference.layer_norm`` or its kernel (2-D C-contiguous input: measured 2.5x NumPy at
     [128, 768])."""
-    K = kernels()
-    if K is not None and x.ndim == 2 and x.flags.c_contiguous:
-        return K.layer_norm(x, g, b, eps)
+    kern = kernels()
+    if kern is not None and x.ndim == 2 and x.flags.c_contiguous:
+        return kern.layer_norm(x, g, b, eps)
     return reference.layer_norm(x, g, b, eps)
 
 
 def gelu(x: np.ndarray, form: str) -> np.ndarray:
     """GELU of ``form`` ("tanh" or "erf"); the tanh form from its vectorised kernel (2x NumPy at
     any size) when the input is 2-D C-contiguous."""
-    K = kernels()
-    if form == "tanh" and K is not None and x.ndim == 2 and x.flags.c_contiguous:
-        return K.gelu_tanh(x)
+    kern = kernels()
+    if form == "tanh" and kern is not None and x.ndim == 2 and x.flags.c_contiguous:
+        return kern.gelu_tanh(x)
     return reference.GELU[form](x)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray) -> np.ndarray:
     """``reference.attention``: the fused kernel up to ``FAST_ATTENTION_MAX_QUERIES`` queries, BLAS
     products around the ``causal_softmax`` kernel above."""
-    K = kernels()
-    if K is None or q.shape[1] == 0:
+    kern = kernels()
+    if kern is None or q.shape[1] == 0:
         return reference.attention(q, k, v, q_pos)
     q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
     if q.shape[1] <= FAST_ATTENTION_MAX_QUERIES:
-        return K.attention(q, k, v, q_pos)
+        return kern.attention(q, k, v, q_pos)
     scores = q @ k.transpose(0, 2, 1)                                       # [H, T, S]
-    return K.causal_softmax(scores, q_pos, 1.0 / np.sqrt(q.shape[-1])) @ v
+    return kern.causal_softmax(scores, q_pos, 1.0 / np.sqrt(q.shape[-1])) @ v
 
 
 def softmax_top2(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(top-1 probability [A], top-1 minus top-2 [A]) of the softmax of logits [A, V]; the
     kernel for up to ``FAST_MAX_ROWS`` rows."""
-    K = kernels()
-    if K is not None and len(logits) <= FAST_MAX_ROWS:
-        return K.softmax_top2(np.ascontiguousarray(logits))
+    kern = kernels()
+    if kern is not None and len(logits) <= FAST_MAX_ROWS:
+        return kern.softmax_top2(np.ascontiguousarray(logits))
     from .exits.policies import softmax_top2_numpy
     return softmax_top2_numpy(logits)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of rows a[i], b[i] ([N, C]) clipped to [-1, 1] (kernel or ``policies.cosine_rows``)."""
-    K = kernels()
-    if K is not None:
-        return K.cosine_rows(np.ascontiguousarray(a), np.ascontiguousarray(b))
+    kern = kernels()
+    if kern is not None:
+        return kern.cosine_rows(np.ascontiguousarray(a), np.ascontiguousarray(b))
     from .exits.policies import cosine_rows as twin
     return twin(a, b)
 
 
 def adept_logit(h: np.ndarray, h_prev: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
     """The learned policy's logit [A] float64 (kernel or ``adept.adept_logit_numpy``)."""
-    K = kernels()
-    if K is not None:
-        return K.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
+    kern = kernels()
+    if kern is not None:
+        return kern.adept_logit(np.ascontiguousarray(h, dtype=np.float32),
                              np.ascontiguousarray(h_prev, dtype=np.float32), w, b, 1e-5)
     from .exits.adept import adept_logit_numpy
     return adept_logit_numpy(h, h_prev, w, b)

@@ -306,6 +306,9 @@ def cmd_info(args) -> int:
             print(f"blas: {pool.get('internal_api')} {pool.get('version')} ({pool.get('filepath')}), "
                   f"threads {pool.get('num_threads')}")
     print(f"backend: {backend.active()}")
+    print(f"threads: generate/eval/dump/calibrate default to 1 for models up to "
+          f"{backend.SMALL_MODEL_BYTES >> 20} MB of weights, {backend.available_cores()} (all cores) above; "
+          f"--threads N sets them")
     return 0
 
 

@@ -5,9 +5,14 @@ blocks layer by layer. Only still-active tokens are computed at each layer (thei
 over all earlier positions, MLP); after block k an exit policy may retire some of them, and their
 K/V at deeper layers comes from propagation (eager, lazy, or the ``oracle`` ablation that runs the
 skipped blocks for real). Prefill (many tokens) and decode (one token) are the same call. With the
-``none`` policy nothing exits and this *is* the plain GPT-2 forward.
+``none`` policy nothing exits and the logits equal ``reference.forward`` (bit for bit on the NumPy
+backend). On the fast backend a single token goes through ``fused.decode_one`` instead of the
+layer loop: the same decisions, propagation and accounting, one compiled call per block.
 
-Accounting is returned as data (FLOPs per token by kind); callers measure wall time.
+The layer loop (``_layer_loop``) holds the exit logic: the active set, the policy call
+(``_exit_step``) and eager or lazy propagation; running a block (``_block``), counting its FLOPs
+(``_Pass.count_block``, the ``oracle`` mode included) and recording hidden states are named
+steps. Accounting is returned as data (FLOPs per token by kind); callers measure wall time.
 """
 from __future__ import annotations
 

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="UTF-8 text file")
     _add_model(e)
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--chunk-bytes", type=int, default=None,
+                   help="bits-per-byte protocol: score documents (split at <|endoftext|>) in chunks of at most "
+                        "N bytes cut at line ends, each after <|endoftext|> alone; reports bits_per_byte")
     e.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
     e.add_argument("--sweep", action="store_true", help="sweep thresholds of every training-free policy")
     e.add_argument("--plot", default=None, help="with --sweep: write quality vs compute to this PNG")
@@ -354,7 +357,7 @@ def cmd_check(args) -> int:
 def cmd_eval(args) -> int:
     """``minadept eval``: one setting, or ``--sweep``. Prints a summary or a table; ``--json``
     puts a JSON object on the last stdout line."""
-    from .evaluate import check_plot_output, read_token_stream
+    from .evaluate import check_plot_output
     from .model import Model
     settings = _settings(args)
     if args.plot and not args.sweep:
@@ -363,19 +366,33 @@ def cmd_eval(args) -> int:
         check_plot_output(args.plot)
     model = Model.load(args.model)
     set_threads(args, model)
-    ids = read_token_stream(model.tokenizer, args.text, args.max_tokens)
-    return (_eval_sweep if args.sweep else _eval_one)(args, settings, model, ids)
+    data, n_bytes = _eval_data(args, model)
+    return (_eval_sweep if args.sweep else _eval_one)(args, settings, model, data, n_bytes)
 
 
-def _eval_one(args, settings, model, ids) -> int:
+def _eval_data(args, model):
+    """(what to score, its UTF-8 bytes or None): the token stream of the perplexity protocol, or
+    with ``--chunk-bytes`` the windows of the bits-per-byte protocol."""
+    from .evaluate import byte_chunks, chunk_windows, read_text, read_token_stream
+    if args.chunk_bytes is None:
+        return read_token_stream(model.tokenizer, args.text, args.max_tokens), None
+    if args.chunk_bytes < 16:
+        raise MinadeptError(f"--chunk-bytes must be >= 16, got {args.chunk_bytes}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise MinadeptError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    chunks = byte_chunks(read_text(args.text), args.chunk_bytes)
+    return chunk_windows(model.tokenizer, chunks, model.config.n_positions, args.max_tokens)
+
+
+def _eval_one(args, settings, model, ids, n_bytes) -> int:
     from tqdm import tqdm
 
     from .engine import Engine
-    from .evaluate import evaluate, full_depth_pass
+    from .evaluate import bits_per_byte, evaluate, full_depth_pass
     from .settings import build_engine
     engine = build_engine(model, settings)
     policy_run = settings.exit != "none"
-    n_scored = len(ids) - 1          # every token but the first is scored (``evaluate.windows``)
+    n_scored = sum(len(w) - 1 for w in ids) if isinstance(ids, list) else len(ids) - 1
     # progress over tokens (both passes for a policy run); disable=None: only on a terminal
     with tqdm(total=n_scored * (2 if policy_run else 1), unit="tok", leave=False, disable=None,
               file=sys.stderr, desc="full depth" if policy_run else "eval") as bar:
@@ -387,12 +404,18 @@ def _eval_one(args, settings, model, ids) -> int:
             res = base = evaluate(engine, ids, None, progress=bar)
     res.setdefault("agreement", 1.0)
     res["full_depth_ppl"] = base["ppl"]
+    if n_bytes is not None:
+        res.update(bytes=n_bytes, bits_per_byte=bits_per_byte(res, n_bytes),
+                   full_depth_bits_per_byte=bits_per_byte(base, n_bytes))
     res.update(engine.settings())
     if args.json:
         print(json.dumps(res))
         return 0
     n = res["tokens"]
     print(f"perplexity {res['ppl']:.3f} over {n} token{'' if n == 1 else 's'} (nll {res['nll']:.4f} nats/token)")
+    if n_bytes is not None:
+        print(f"bits per byte {res['bits_per_byte']:.4f} over {n_bytes} bytes"
+              + (f" (full depth {res['full_depth_bits_per_byte']:.4f})" if policy_run else ""))
     if policy_run:
         print(f"full-depth perplexity {base['ppl']:.3f} (baseline, same tokens; this policy "
               f"{res['ppl'] / base['ppl'] - 1:+.2%})")
@@ -402,13 +425,14 @@ def _eval_one(args, settings, model, ids) -> int:
     return 0
 
 
-def _eval_sweep(args, settings, model, ids) -> int:
+def _eval_sweep(args, settings, model, ids, n_bytes) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
 
     from .engine import Engine
-    from .evaluate import SWEEP_HEADER, evaluate, format_row, full_depth_pass, plot_sweep, sweep_settings
+    from .evaluate import (SWEEP_HEADER, bits_per_byte, evaluate, format_row, full_depth_pass, plot_sweep,
+                           sweep_settings)
     from .exits.adept import ADEPT_FILE, load_adept
     from .settings import build_engine
     shipped = (model.path / ADEPT_FILE).is_file()
@@ -423,6 +447,8 @@ def _eval_sweep(args, settings, model, ids) -> int:
             res, ref = full_depth_pass(Engine(model), ids)
         else:
             res = evaluate(build_engine(model, settings.with_(exit=name, adept=None, **kw), adept=adept), ids, ref)
+        if n_bytes is not None:
+            res.update(bytes=n_bytes, bits_per_byte=bits_per_byte(res, n_bytes))
         res["exit"] = name
         res["setting"] = ",".join(f"{k}={v}" for k, v in kw.items()).replace("threshold=", "tau=")
         rows.append(res)
@@ -430,7 +456,7 @@ def _eval_sweep(args, settings, model, ids) -> int:
         sys.stdout.flush()
     bar.close()
     if args.plot:
-        n = rows[0]["tokens"] if rows else len(ids) - 1
+        n = rows[0]["tokens"]
         plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {n} scored tokens")
     if args.json:
         print(json.dumps({"sweep": rows}))

@@ -19,16 +19,23 @@ from .errors import MinadeptError
 
 
 
-def read_token_stream(tokenizer, path: str | Path, max_tokens: int | None = None) -> np.ndarray:
-    """Encode a UTF-8 text file as one stream of ids [N] int64. Raises MinadeptError if unreadable."""
+EOT = "<|endoftext|>"
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents. Raises MinadeptError if it is missing or unreadable."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MinadeptError(f"text file not found: {path}") from None
     except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
         raise MinadeptError(f"cannot read {path} as UTF-8 text ({type(e).__name__})") from None
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def read_token_stream(tokenizer, path: str | Path, max_tokens: int | None = None) -> np.ndarray:
+    """Encode a UTF-8 text file as one stream of ids [N] int64. Raises MinadeptError if unreadable."""
+    ids = np.asarray(tokenizer.encode(read_text(path)), dtype=np.int64)
     if max_tokens is not None:
         if max_tokens < 2:
             raise MinadeptError(f"--max-tokens must be >= 2, got {max_tokens}")
@@ -36,6 +43,66 @@ def read_token_stream(tokenizer, path: str | Path, max_tokens: int | None = None
     if len(ids) < 2:
         raise MinadeptError(f"{path} has fewer than 2 tokens; nothing to score")
     return ids
+
+
+def byte_chunks(text: str, max_bytes: int) -> list[str]:
+    """The bits-per-byte protocol's chunks: the text split into documents at ``<|endoftext|>``
+    (blank lines around the separator dropped), each document into chunks of at most
+    ``max_bytes`` UTF-8 bytes cut at line ends; a longer line is cut at its last space before the
+    limit (at the limit, on a character boundary, when it has none)."""
+    chunks = []
+    for doc in text.split(EOT):
+        doc, cur = doc.strip("\n"), ""
+        for line in doc.splitlines(keepends=True):
+            for piece in _split_line(line, max_bytes):
+                if cur and len((cur + piece).encode("utf-8")) > max_bytes:
+                    chunks.append(cur)
+                    cur = ""
+                cur += piece
+        if cur.strip():
+            chunks.append(cur)
+    return chunks
+
+
+def _split_line(line: str, max_bytes: int) -> list[str]:
+    out = []
+    while len(line.encode("utf-8")) > max_bytes:
+        head = line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")     # whole characters
+        cut = head.rfind(" ")
+        cut = cut + 1 if cut > 0 else len(head)
+        out.append(line[:cut])
+        line = line[cut:]
+    return out + [line]
+
+
+def chunk_windows(tokenizer, chunks: list[str], n_positions: int, max_tokens: int | None = None):
+    """Windows ``[<|endoftext|>] + tokens(chunk)`` (every chunk token scored with only the
+    separator before it) and the UTF-8 bytes they cover; up to ``max_tokens`` scored tokens.
+    Raises MinadeptError for a chunk longer than the context."""
+    wins, n_bytes, n_tokens = [], 0, 0
+    for chunk in chunks:
+        ids = tokenizer.encode(chunk)
+        if len(ids) > n_positions:
+            raise MinadeptError(f"a chunk of {len(chunk.encode('utf-8'))} bytes is {len(ids)} tokens, more than "
+                                f"the context of {n_positions} (n_positions): use a smaller --chunk-bytes")
+        if max_tokens is not None and n_tokens + len(ids) > max_tokens:
+            break
+        wins.append(np.asarray([tokenizer.eot_id] + ids, dtype=np.int64))
+        n_bytes += len(chunk.encode("utf-8"))
+        n_tokens += len(ids)
+    if not wins:
+        raise MinadeptError("no chunk to score (empty text, or --max-tokens below the first chunk)")
+    return wins, n_bytes
+
+
+def bits_per_byte(res: dict, n_bytes: int) -> float:
+    """ΣNLL / (ln 2 · Σbytes) of an ``evaluate`` result over text of ``n_bytes`` bytes."""
+    return res["nll"] * res["tokens"] / (math.log(2) * n_bytes)
+
+
+def _as_windows(data, n_positions: int):
+    """A token stream [N] (the perplexity protocol's windows) or a list of windows as they are."""
+    return data if isinstance(data, list) else windows(data, n_positions)
 
 
 def windows(ids: np.ndarray, n_positions: int):
@@ -62,17 +129,18 @@ def full_depth_pass(engine_full, ids: np.ndarray, progress=None) -> tuple[dict, 
     agreement 1.0) and the top-1 prediction of every window (the reference for agreement), so
     the baseline perplexity costs no second pass."""
     top1: list[np.ndarray] = []
-    res = evaluate_windows(engine_full, windows(ids, engine_full.config.n_positions), progress=progress,
+    res = evaluate_windows(engine_full, _as_windows(ids, engine_full.config.n_positions), progress=progress,
                            _top1_out=top1)
     res["agreement"] = 1.0
     return res, top1
 
 
-def evaluate(engine, ids: np.ndarray, ref_top1: list[np.ndarray] | None = None, progress=None) -> dict:
-    """Run the protocol under ``engine``. Returns ppl, tokens, nll (nats/token), and when
+def evaluate(engine, ids, ref_top1: list[np.ndarray] | None = None, progress=None) -> dict:
+    """Run the protocol under ``engine`` over a token stream ``ids`` [N] (or a list of windows,
+    e.g. ``chunk_windows``). Returns ppl, tokens, nll (nats/token), and when
     ``ref_top1`` is given agreement (fraction of positions whose top-1 equals full depth's),
     plus mean_exit_layer and compute_fraction (all FLOPs incl. checks and propagation / full)."""
-    return evaluate_windows(engine, windows(ids, engine.config.n_positions), ref_top1, progress)
+    return evaluate_windows(engine, _as_windows(ids, engine.config.n_positions), ref_top1, progress)
 
 
 def evaluate_windows(engine, wins, ref_top1=None, progress=None, _top1_out: list | None = None) -> dict:

@@ -241,3 +241,28 @@ def test_tokenizer_rejects_what_it_cannot_encode_or_decode(embedded):
     with pytest.raises(MinadeptError, match="text to encode must be a str, got int"):
         tok.encode(123)
     assert tok.decode(tok.encode("Once upon a time")) == "Once upon a time"
+
+
+def test_prepare_folds_every_exit_layer_of_the_learned_kv_maps(embedded):
+    from minadept.settings import EngineSettings, build_engine
+    eng = build_engine(embedded, EngineSettings(exit="adept", threshold=0.5))
+    eng.prepare()
+    folded = dict(eng.stacked._folded)
+    assert sorted(folded) == list(range(1, embedded.config.n_layer))
+    ids = embedded.tokenizer.encode("Once upon a time there was a fox who lived by the sea")
+    r = eng.forward(ids, eng.new_cache(len(ids)))
+    assert (r.exit_layers < embedded.config.n_layer).any()
+    assert all(eng.stacked._folded[k] is folded[k] for k in folded)      # nothing folded while timed
+
+
+def test_compare_reports_full_depth_speeds_and_the_ratios():
+    r = run_cli("generate", "Once upon a time", "--exit", "adept", "--compare", "--max-new-tokens", "12",
+                "--seed", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    s = _summary(r.stderr)
+    assert s["full_depth_decode_tokens_per_s"] > 0 and s["full_depth_prefill_tokens_per_s"] > 0
+    assert s["decode_speedup"] == round(s["decode_tokens_per_s"] / s["full_depth_decode_tokens_per_s"], 3)
+    assert s["prefill_speedup"] == round(s["prefill_tokens_per_s"] / s["full_depth_prefill_tokens_per_s"], 3)
+    human = run_cli("generate", "Once upon a time", "--exit", "adept", "--compare", "--max-new-tokens", "12",
+                    "--seed", "0").stderr.strip().splitlines()[-1]
+    assert human.startswith("full depth on the same prompt: prefill ") and "this run: prefill " in human

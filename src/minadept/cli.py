@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
     g.add_argument("--seed", type=_seed, default=None, help="sampling seed >= 0 (default: random)")
     g.add_argument("--json", action="store_true", help="last stderr line is a JSON summary")
+    g.add_argument("--compare", action="store_true",
+                   help="then run full depth on the same prompt (same number of tokens, not printed) and "
+                        "report both speeds and their ratio")
     g.add_argument("--show-exits", nargs="?", const="auto", default=None, choices=["tags", "color", "auto"],
                    help="mark each token with its exit layer: tags (token[k]) or color (with a legend on "
                         "stderr); alone: color on a terminal, tags otherwise")
@@ -251,11 +254,43 @@ def cmd_generate(args) -> int:
     out.flush()
     if state.stop_reason == "context_full":
         print(f"stopped: the context is full ({model.config.n_positions} tokens, n_positions)", file=sys.stderr)
-    _summary(args, engine, state, dict(prefill=t_prefill, first=t_first, decode=t_decode, threads=threads),
+    times = dict(prefill=t_prefill, first=t_first, decode=t_decode, threads=threads)
+    if args.compare and state.stop_reason != "interrupted" and state.prompt_result is not None:
+        times["full_depth"] = _full_depth_times(model, state, sampling, seed)
+    _summary(args, engine, state, times,
              dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=seed))
     if state.stop_reason == "interrupted":
         raise KeyboardInterrupt
     return 0
+
+
+def _full_depth_times(model, state, sampling, seed) -> dict:
+    """Full depth on the same prompt for as many decode steps as the run made (no stop token),
+    timed as the run was: {prefill_s, decode_s, decode_steps}."""
+    import numpy as np
+
+    from .engine import Engine
+    from .generate import generate
+    engine = Engine(model)
+    engine.prepare()
+    n = len(state.decode_results) + 1
+    t0 = time.perf_counter()
+    t1 = None
+    for _ in generate(engine, state.prompt_ids, max_new_tokens=n, sampling=sampling,
+                      rng=np.random.default_rng(seed)):
+        if t1 is None:
+            t1 = time.perf_counter()
+    return dict(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, decode_steps=n - 1)
+
+
+def _comparison(s: dict, full: dict) -> dict:
+    """The full-depth speeds and this run's speed-ups over them (None where undefined)."""
+    pre = round(s["prompt_tokens"] / full["prefill_s"], 2) if full["prefill_s"] > 0 else None
+    dec = round(full["decode_steps"] / full["decode_s"], 2) if full["decode_steps"] and full["decode_s"] > 0 else None
+    ratio = lambda a, b: round(a / b, 3) if a and b else None
+    return {"full_depth_prefill_tokens_per_s": pre, "full_depth_decode_tokens_per_s": dec,
+            "prefill_speedup": ratio(s["prefill_tokens_per_s"], pre),
+            "decode_speedup": ratio(s["decode_tokens_per_s"], dec)}
 
 
 def _summary(args, engine, state, t, sampling):
@@ -279,6 +314,8 @@ def _summary(args, engine, state, t, sampling):
     if state.prompt_result is not None:
         s["prompt_exit_layers"] = [int(x) for x in state.prompt_result.exit_layers]
     s.update(engine.settings(), **sampling)
+    if "full_depth" in t:
+        s.update(_comparison(s, t["full_depth"]))
     if args.json:
         print(json.dumps(s), file=sys.stderr)
         return
@@ -292,6 +329,11 @@ def _summary(args, engine, state, t, sampling):
     if state.stop_reason in ("eot", "interrupted"):
         line += f"; {_STOPS[state.stop_reason]}"
     print(line, file=sys.stderr)
+    if "full_depth" in t:
+        x = lambda v: "n/a" if v is None else f"{v:.2f}x"
+        print(f"full depth on the same prompt: prefill {fmt(s['full_depth_prefill_tokens_per_s'])} tokens/s, "
+              f"decode {fmt(s['full_depth_decode_tokens_per_s'])} tokens/s; this run: prefill "
+              f"{x(s['prefill_speedup'])}, decode {x(s['decode_speedup'])} (one run each)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- other commands

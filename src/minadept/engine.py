@@ -182,7 +182,8 @@ class Engine:
         if backend.kernels() is not None:
             _ = self.model.decode_plan
         if self.kv == "propagate" and not isinstance(self.policy, NoExit):
-            _ = self.stacked
+            for k in range(self.policy.min_exit_layer, self.config.n_layer):
+                self.stacked.weights(k)          # learned K/V maps are folded per exit layer
         self.forward([0], self.new_cache(1))
 
     # -- predictions ------------------------------------------------------------------------

@@ -79,9 +79,35 @@ def test_kv_maps_fit_better_than_copying_the_exit_state():
 
 
 def test_pair_index_is_a_bijection():
+    # by hand: pairs (k, block) with 1 <= k, k + 2 <= block <= L: (L-1)(L-2)/2 of them
+    for n_layer, count in ((2, 0), (3, 1), (4, 3), (12, 55)):
+        assert n_pairs(n_layer) == count == sum(1 for k in range(1, n_layer) for b in range(k + 2, n_layer + 1))
+    assert pair_index(1, 3, 4) == 0 and pair_index(1, 4, 4) == 1 and pair_index(2, 4, 4) == 2
     for n_layer in (2, 3, 4, 12):
         idx = [pair_index(k, b, n_layer) for k in range(1, n_layer) for b in range(k + 2, n_layer + 1)]
         assert idx == list(range(n_pairs(n_layer)))
+
+
+def test_kv_map_known_hand_built_mapper():
+    """A hand-built map whose output is known without its formula: U = e_0, V = 2 e_1 (so the
+    correction adds 2 n[0] to column 1) for pair (1, 3), c = 0.5 everywhere in pair (1, 4); the
+    other pairs zero. On h = [3, -1, 1, -3] (mean 0, variance 5) n = h / sqrt(5 + 1e-5)."""
+    C, L_ = 4, 4
+    P = n_pairs(L_)
+    u, v, c = np.zeros((P, C, 1), np.float32), np.zeros((P, 1, C), np.float32), np.zeros((P, C), np.float32)
+    u[pair_index(1, 3, L_), 0, 0] = 1.0
+    v[pair_index(1, 3, L_), 0, 1] = 2.0
+    c[pair_index(1, 4, L_)] = 0.5
+    p = AdeptParams(np.zeros((L_ - 1, C, C), np.float32), np.zeros((L_ - 1, C), np.float32), u, v, c,
+                    np.zeros((L_ - 1, C + 2), np.float32), np.zeros(L_ - 1, np.float32), 0.5)
+    h = np.array([[3.0, -1.0, 1.0, -3.0]], np.float32)
+    n = np.array([3.0, -1.0, 1.0, -3.0]) / np.sqrt(5.0 + 1e-5)
+    out = p.kv_map(1, h)
+    assert out.shape == (3, 1, C)
+    np.testing.assert_allclose(out[0, 0], n, rtol=1e-6)                          # block 2: h_1 itself
+    np.testing.assert_allclose(out[1, 0], n + np.array([0, 2 * n[0], 0, 0]), rtol=1e-6)   # block 3
+    np.testing.assert_allclose(out[2, 0], n + 0.5, rtol=1e-6)                     # block 4
+    np.testing.assert_allclose(p.kv_map(2, h)[1, 0], n, rtol=1e-6)                # pair (2, 4) is zero
 
 
 def test_kv_map_formula_and_identity_at_the_exit_block(params):
@@ -101,18 +127,38 @@ def test_policy_features_shape_and_values():
     h, hp = rng.standard_normal((2, 4, 16)).astype(np.float32)
     f = policy_features(h, hp)
     assert f.shape == (4, 18) and f.dtype == np.float32
-    np.testing.assert_allclose(f[:, :16], nn.normalize(h, 1e-5), atol=1e-5)
-    np.testing.assert_allclose(f[:, 16], np.log(np.sqrt(h.var(-1) + 1e-5)), atol=1e-5)
+    h64 = h.astype(np.float64)                                     # by hand, float64
+    sd = np.sqrt(((h64 - h64.mean(-1, keepdims=True)) ** 2).mean(-1) + 1e-5)
+    np.testing.assert_allclose(f[:, :16], (h64 - h64.mean(-1, keepdims=True)) / sd[:, None], atol=1e-5)
+    np.testing.assert_allclose(f[:, 16], np.log(sd), atol=1e-5)
     cos = (h * hp).sum(-1) / np.linalg.norm(h, axis=-1) / np.linalg.norm(hp, axis=-1)
     np.testing.assert_allclose(f[:, 17], cos, atol=1e-5)
+    # invariants: scaling h by 10 keeps the normalised part and the cosine, adds log 10 to the
+    # log-scale; cos(h, h) = 1, cos(h, -2h) = -1; a shift of h by a constant leaves feature 0..15
+    g = policy_features(h * 10, hp)
+    np.testing.assert_allclose(g[:, :16], f[:, :16], atol=1e-4)
+    np.testing.assert_allclose(g[:, 16] - f[:, 16], np.log(10.0), atol=1e-4)
+    np.testing.assert_allclose(g[:, 17], f[:, 17], atol=1e-6)
+    np.testing.assert_allclose(policy_features(h, h)[:, 17], 1.0, atol=1e-6)
+    np.testing.assert_allclose(policy_features(h, -2 * h)[:, 17], -1.0, atol=1e-6)
+    np.testing.assert_allclose(policy_features(h + 5, hp)[:, :17], f[:, :17], atol=1e-4)
 
 
 def test_policy_score_equals_sigmoid_of_the_features(params):
     rng = np.random.default_rng(4)
     h, hp = (rng.standard_normal((2, 6, MODEL.config.n_embd)) * 3).astype(np.float32)
+    h64, hp64 = h.astype(np.float64), hp.astype(np.float64)
+    mu = h64.mean(-1, keepdims=True)
+    sd = np.sqrt(((h64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    cos = (h64 * hp64).sum(-1) / np.linalg.norm(h64, axis=-1) / np.linalg.norm(hp64, axis=-1)
+    feats = np.concatenate([(h64 - mu) / sd, np.log(sd), cos[:, None]], axis=-1)   # by hand
     for k in range(1, L):
-        z = policy_features(h, hp).astype(np.float64) @ params.policy_w[k - 1] + params.policy_b[k - 1]
+        z = feats @ params.policy_w[k - 1].astype(np.float64) + params.policy_b[k - 1]
         np.testing.assert_allclose(params.score(k, h, hp), 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-6)
+        # P(Exit) of two states is ordered as their logits (sigmoid is increasing)
+        s = params.score(k, h, hp)
+        assert np.array_equal(np.argsort(s, kind="stable"), np.argsort(z, kind="stable")) or \
+            np.allclose(np.sort(s), s[np.argsort(z)])
 
 
 # ---------------------------------------------------------------------------- the file
@@ -125,6 +171,17 @@ def test_policy_file_round_trips(params, tmp_path):
         assert np.array_equal(getattr(back, name), getattr(params, name)), name
     assert back.threshold == params.threshold
     assert back.info == params.info
+    # the file itself, read without minadept: the documented names, float32, shapes, metadata
+    from safetensors import safe_open
+    C, P, r = MODEL.config.n_embd, n_pairs(L), 4
+    shapes = {"exit_w": (L - 1, C, C), "exit_b": (L - 1, C), "kv_u": (P, C, r), "kv_v": (P, r, C),
+              "kv_c": (P, C), "policy_w": (L - 1, C + 2), "policy_b": (L - 1,)}
+    with safe_open(str(path), framework="numpy") as f:
+        assert set(f.keys()) == set(shapes)
+        for name, shape in shapes.items():
+            t = f.get_tensor(name)
+            assert t.dtype == np.float32 and t.shape == shape, (name, t.dtype, t.shape)
+        assert float(f.metadata()["threshold"]) == params.threshold
 
 
 def test_policy_file_for_another_model_is_a_clear_error(params, tmp_path):
@@ -277,8 +334,12 @@ def test_learned_policy_exits_and_uses_the_mappers(params):
     r = eng.forward(ids, cache, all_logits=True)
     assert (r.exit_layers == 1).all()
     h1 = collect_states(Engine(MODEL), ids[None, :])[1]                      # h_1 of every token
-    want = eng.predict(h1[:1], 1)
-    np.testing.assert_allclose(r.logits[0], want[0], rtol=1e-5, atol=1e-5)
+    p, eps = MODEL.params, MODEL.config.layer_norm_epsilon
+    m = h1.astype(np.float64) @ params.exit_w[0].astype(np.float64) + params.exit_b[0]   # by hand
+    mu = m.mean(-1, keepdims=True)
+    ln = (m - mu) / np.sqrt(((m - mu) ** 2).mean(-1, keepdims=True) + eps) * p.ln_f_g + p.ln_f_b
+    want = ln @ p.wte.T.astype(np.float64)
+    np.testing.assert_allclose(r.logits[:len(want)], want, rtol=1e-4, atol=1e-4)   # collect_states drops the last id
     assert not np.allclose(r.logits, r_id.logits)                          # the mapper changed them
 
 
@@ -288,9 +349,22 @@ def test_adept_without_calibration_is_an_error():
 
 
 def test_default_threshold_comes_from_the_file(params):
-    pol = make_policy("adept", MODEL.config, adept=params)
-    assert pol.schedule.tau == params.threshold
-    assert make_policy("adept", MODEL.config, adept=params, threshold=0.3).schedule.tau == 0.3
+    """Without --threshold the policy decides P(Exit) > the calibrated tau (checked on its
+    decisions, not its attribute); a given threshold replaces it."""
+    from dataclasses import replace
+    from minadept.exits.policies import ExitState
+    rng = np.random.default_rng(11)
+    h, hp = (rng.standard_normal((2, 300, MODEL.config.n_embd)) * 4).astype(np.float32)
+    p = params.score(1, h, hp)
+    for tau in (0.2, float(np.median(p))):
+        prm = replace(params, threshold=tau)
+        state = ExitState(layer=1, h=h, h_prev=hp, q=None, k=None, v=None, positions=np.arange(300),
+                          step=0, predict=None)
+        mask, _ = make_policy("adept", MODEL.config, adept=prm).decide(state)
+        clear = np.abs(p - tau) > 1e-9
+        assert np.array_equal(mask[clear], (p > tau)[clear]), tau
+        other, _ = make_policy("adept", MODEL.config, adept=prm, threshold=0.999).decide(state)
+        assert np.array_equal(other, p > 0.999)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.5, 0.9, 0.99, 1.0])
@@ -324,3 +398,16 @@ def test_dump_policy_records_the_mappers(params):
     b = json.loads(str(dump_arrays(adept_engine(MODEL, pol, params, kv_map=False), IDS[:10])["policy"]))
     assert (a["exit_map"], a["kv_map"]) == ("learned", "learned")
     assert (b["exit_map"], b["kv_map"]) == ("learned", "identity")
+    # and the arrays say it too: identity-mapped K/V of exited tokens are propagate_kv of h_k,
+    # learned ones are not
+    from minadept.exits.propagate import propagate_kv
+    da = dump_arrays(adept_engine(MODEL, pol, params), IDS[:10])
+    db = dump_arrays(adept_engine(MODEL, pol, params, kv_map=False), IDS[:10])
+    np.testing.assert_array_equal(da["exit_layers"], db["exit_layers"])
+    ts = [t for t in range(10) if db["exit_layers"][t] < L - 1]
+    assert ts, db["exit_layers"]
+    for t in ts:
+        k = int(db["exit_layers"][t])
+        want = propagate_kv(MODEL, db["hidden_states"][k, t][None], k)[:, :, :, 0]
+        np.testing.assert_allclose(db["kv"][k:, :, :, t], want, rtol=1e-5, atol=1e-5)
+        assert np.abs(da["kv"][k + 1:, :, :, t] - want[1:]).max() > 1e-3

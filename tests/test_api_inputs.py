@@ -183,8 +183,13 @@ def test_new_cache_rejects_a_non_integer_size(n_ctx):
 
 @pytest.mark.parametrize("n_ctx", [16, np.int64(16), np.int32(16), None])
 def test_new_cache_accepts_integer_sizes(n_ctx):
-    c = Engine(MODEL).new_cache(n_ctx)
-    assert isinstance(c, KVCache) and c.n_ctx == (N_POS if n_ctx is None else 16)
+    eng = Engine(MODEL)
+    c = eng.new_cache(n_ctx)
+    n = N_POS if n_ctx is None else 16
+    assert isinstance(c, KVCache) and c.n_ctx == n and c.length == 0
+    eng.forward([1] * n, c)                               # exactly n positions fit ...
+    assert c.length == n
+    _raises(lambda: eng.forward([1], c), "context")      # ... and not one more
 
 
 # ----------------------------------------------------------------------------- generate / prepare_prompt
@@ -315,6 +320,13 @@ def test_make_policy_rejects_a_non_config():
     ("saturation", dict(threshold=0)),
 ])
 def test_make_policy_accepts_numeric_types(name, kw):
+    """NumPy scalars behave exactly as the plain Python number: same exits and logits."""
     pol = make_policy(name, MODEL.config, **kw)
-    eng = Engine(MODEL, pol)
-    eng.forward(PROMPT, eng.new_cache(16))
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in kw.items()}
+    a = Engine(MODEL, pol).forward(PROMPT, Engine(MODEL).new_cache(16), all_logits=True)
+    b = Engine(MODEL, make_policy(name, MODEL.config, **plain)).forward(PROMPT, Engine(MODEL).new_cache(16),
+                                                                       all_logits=True)
+    np.testing.assert_array_equal(a.exit_layers, b.exit_layers)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    if name == "fixed":
+        assert (a.exit_layers == int(kw["exit_layer"])).all()

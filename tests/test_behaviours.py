@@ -476,10 +476,24 @@ def test_prefill_equals_replay_lm_head_policy(name, tau):
 
 
 @HYP
-@given(seed=st.integers(0, 10**6), T=st.integers(2, 24))
-def test_prefill_equals_replay_random_prompts(seed, T):
+@given(seed=st.integers(0, 10**6), T=st.integers(2, 24),
+       pol=st.sampled_from([("margin", 0.3), ("margin", 0.15), ("confidence", 0.5), ("confidence", 0.35)]),
+       m=st.integers(1, L6), fill=st.sampled_from(["eager", "lazy"]))
+def test_prefill_equals_replay_random_prompts(seed, T, pol, m, fill):
+    """LM-head policies (confidence, margin), min_exit_layer and fill drawn."""
     ids = [int(x) for x in np.random.default_rng(seed).integers(0, 97, T)]
-    prefill_vs_replay(Engine(RAND, make_policy("margin", RAND.config, threshold=0.3)), ids)
+    name, tau = pol
+    engine = Engine(RAND, make_policy(name, RAND.config, threshold=tau, min_exit_layer=m), fill=fill)
+    if fill == "eager":
+        assert (prefill_vs_replay(engine, ids) >= m).all()
+    else:
+        cache_p, cache_r = engine.new_cache(len(ids)), engine.new_cache(len(ids))
+        rp = engine.forward(ids, cache_p, all_logits=True)
+        singles = [engine.forward([t], cache_r) for t in ids]
+        engine.flush(cache_p), engine.flush(cache_r)
+        np.testing.assert_array_equal(rp.exit_layers, [int(s.exit_layers[0]) for s in singles])
+        np.testing.assert_allclose(rp.logits, np.concatenate([s.logits for s in singles]), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(cache_p.kv, cache_r.kv, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- 7. fused decode, exit map

@@ -225,6 +225,18 @@ def test_seeded_sampling_is_reproducible(tiny):
     a, b = gen(tiny.path, *args), gen(tiny.path, *args)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
+    # and it is the text the Python API samples with the same seed (an independent driver)
+    import numpy as np
+    from minadept import Engine, Model
+    from minadept.generate import generate
+    from minadept.sampling import SamplingSettings
+    model = Model.load(tiny.path)
+    steps = generate(Engine(model), model.tokenizer.encode("Hello"), max_new_tokens=8,
+                     sampling=SamplingSettings(temperature=1.0, top_k=50), rng=np.random.default_rng(7),
+                     eot_id=model.tokenizer.eot_id)
+    assert a.stdout == model.tokenizer.decode([s.token for s in steps]) + "\n"
+    other = gen(tiny.path, *args[:-1], "8")
+    assert other.stdout != a.stdout, "another seed gave the same text"
 
 
 def test_generation_that_fills_the_context_stops_and_says_so(short_ctx):

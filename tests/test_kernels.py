@@ -204,3 +204,129 @@ def test_fast_without_extension_is_an_error(monkeypatch):
         backend.select()
     monkeypatch.setenv("MINADEPT_BACKEND", "auto")
     assert backend.select() == ("numpy", None)
+
+
+# ----------------------------------------------------------------------------- special values as drawn values
+
+from strategies import special_arrays, special_floats  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+INF = [float("inf"), float("-inf")]
+SMALL = settings(max_examples=max(10, EXAMPLES // 2), deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def same(got, want, what):
+    """Equal to the float64 twin (rtol 1e-5, atol 1e-6); NaN where the twin gives NaN; infinities
+    of the same sign."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                               err_msg=f"{what}: got {got!r} want {want!r}")
+
+
+@needs_fast
+@SMALL
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(0, 4), st.integers(1, 40)),
+                    elements=special_floats(-1e30, 1e30, infs=INF)))
+def test_gelu_tanh_special_values(x):
+    """Denormals (GELU(x) ~ x/2), signed zeros, ties, +-inf (the kernel contract: what the twin
+    gives in double)."""
+    with np.errstate(all="ignore"):
+        want = R.gelu_tanh(x.astype(np.float64)).astype(np.float32)
+    same(K.gelu_tanh(x), want, "gelu_tanh")
+
+
+@needs_fast
+@SMALL
+@given(data=st.data(), n=st.integers(1, 4), c=st.integers(1, 40))
+def test_layer_norm_special_values(data, n, c):
+    """Finite inputs with denormals, zeros and all-equal rows (variance 0: the output is b)."""
+    x = data.draw(special_arrays((n, c), lo=-1e3, hi=1e3))
+    if data.draw(st.booleans(), label="constant row"):
+        x[0] = x[0, 0]
+    g, b = data.draw(special_arrays((c,), lo=-2, hi=2)), data.draw(special_arrays((c,), lo=-2, hi=2))
+    want = R.layer_norm(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), 1e-5)
+    got = K.layer_norm(x, g, b, 1e-5)
+    same(got, want.astype(np.float32), "layer_norm")
+    if x[0].min() == x[0].max():
+        np.testing.assert_allclose(got[0], b, rtol=0, atol=1e-6)
+
+
+@needs_fast
+@SMALL
+@given(data=st.data(), n=st.integers(1, 4), V=st.integers(2, 60))
+def test_softmax_top2_special_values(data, n, V):
+    """Ties at the top (margin exactly 0), denormals, -inf logits (probability 0) and a +inf."""
+    logits = data.draw(hnp.arrays(np.float32, (n, V), elements=special_floats(-80, 80, infs=INF[1:])))
+    if data.draw(st.booleans(), label="tie at the top"):
+        logits[0, :2] = logits[0].max()
+    assume_finite_max = np.isfinite(logits.max(-1)).all()
+    with np.errstate(all="ignore"):
+        w1, wm = softmax_top2_numpy(logits.astype(np.float64))
+    p1, m = K.softmax_top2(logits)
+    same(p1, w1.astype(np.float32), "top-1")
+    same(m, wm.astype(np.float32), "margin")
+    if assume_finite_max:
+        top = np.sort(logits, -1)
+        tied = top[:, -1] == top[:, -2]
+        assert (m[tied] == 0).all(), "tied top logits must give margin 0"
+
+
+@needs_fast
+@SMALL
+@given(data=st.data(), H=st.integers(1, 3), T=st.integers(1, 6), S=st.integers(1, 12),
+       scale=st.sampled_from([0.125, 1.0]))
+def test_causal_softmax_special_values(data, H, T, S, scale):
+    """Scores with ties, denormals and -inf (a key masked out by the caller) among finite ones."""
+    scores = data.draw(hnp.arrays(np.float32, (H, T, S), elements=special_floats(-1e3, 1e3, infs=INF[1:])))
+    scores[..., 0] = data.draw(special_floats(-10, 10))        # position 0 is always visible and finite
+    q_pos = np.sort(data.draw(hnp.arrays(np.int64, T, elements=st.integers(0, S + 2))))
+    with np.errstate(all="ignore"):
+        want = R.causal_softmax(scores.astype(np.float64), q_pos, scale).astype(np.float32)
+    got = K.causal_softmax(scores.copy(), q_pos, scale)
+    same(got, want, "causal_softmax")
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=0, atol=1e-5)   # each row is a distribution
+
+
+@needs_fast
+@SMALL
+@given(data=st.data(), n=st.integers(1, 4), c=st.integers(1, 40))
+def test_cosine_and_adept_logit_special_values(data, n, c):
+    """Denormal, zero and tied rows: cosine in [-1, 1] and equal to the twin (a zero row gives 0)."""
+    from minadept.exits.adept import adept_logit_numpy
+    a, b = data.draw(special_arrays((n, c), lo=-1e3, hi=1e3)), data.draw(special_arrays((n, c), lo=-1e3, hi=1e3))
+    with np.errstate(all="ignore"):
+        want = cosine_rows(a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
+    got = K.cosine_rows(a, b)
+    same(got, want, "cosine_rows")
+    assert (np.abs(got) <= 1).all()
+    w = data.draw(special_arrays((c + 2,), lo=-3, hi=3))
+    bias = data.draw(special_floats(-5, 5))
+    with np.errstate(all="ignore"):
+        want = adept_logit_numpy(a, b, w, bias)
+    same(K.adept_logit(a, b, w, bias, 1e-5), want, "adept_logit")
+
+
+@needs_fast
+@SMALL
+@given(data=st.data(), H=st.integers(1, 3), D=st.sampled_from([1, 3, 5, 9]), S=st.integers(1, 10))
+def test_attention_special_values(data, H, D, S):
+    """q, k, v with denormals, zeros and tied keys (equal scores: the average of their values)."""
+    q = data.draw(special_arrays((H, 1, D), lo=-30, hi=30))
+    k = data.draw(special_arrays((H, S, D), lo=-30, hi=30))
+    v = data.draw(special_arrays((H, S, D), lo=-30, hi=30))
+    pos = np.array([S - 1])
+    got = K.attention(q, k, v, pos)
+    want = R.attention(q, k, v, pos, dtype=np.float64)
+    same(got, want, "attention")
+    kt = np.repeat(k[:, :1], S, axis=1)                    # every key tied: uniform weights
+    np.testing.assert_allclose(K.attention(q, kt, v, pos), v.astype(np.float64).mean(1, keepdims=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_fast
+def test_cosine_rows_tiny_norm_product():
+    """Rows of norms 1 and 1.2e-38 in the same direction: cosine 1 in the kernel and its twin."""
+    a, b = np.array([[1.0]], np.float32), np.array([[np.finfo(np.float32).tiny]], np.float32)
+    assert cosine_rows(a, b)[0] == 1.0
+    same(K.cosine_rows(a, b), cosine_rows(a.astype(np.float64), b.astype(np.float64)).astype(np.float32),
+         "cosine_rows")

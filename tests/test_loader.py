@@ -36,7 +36,15 @@ def test_activation_names_map_to_gelu_form(act, form):
 
 
 def test_activation_map_is_exactly_the_supported_set():
-    assert ACTIVATIONS == {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "erf"}
+    """Each supported name gives the right function, checked at x = 1 against values known to
+    more digits than float32 holds: exact GELU(1) = Phi(1) = 0.8413447461, tanh form 0.8411919906."""
+    assert set(ACTIVATIONS) == {"gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu"}
+    want = {"tanh": 0.8411919906, "erf": 0.8413447461}
+    for act in ACTIVATIONS:
+        cfg = GPT2Config.from_dict(dict(BASE, activation_function=act))
+        got = float(R.GELU[cfg.gelu](np.array([1.0], np.float32))[0])
+        expect = want["erf" if act == "gelu" else "tanh"]
+        assert abs(got - expect) < 2e-7, (act, got, expect)
 
 
 @pytest.mark.parametrize("act", ["relu", "silu", "swish", "quick_gelu", "tanh", "GELU", ""])
@@ -381,6 +389,11 @@ def test_resolve_model(tiny, tmp_path):
 def test_model_load_without_tokenizer(tiny):
     m = Model.load(tiny.path, tokenizer=False)
     assert m.tokenizer is None and m.config.n_layer == TINY["n_layer"]
+    from minadept.engine import Engine
+    ids = [464, 2068, 7586]
+    a = Engine(m).forward(ids, Engine(m).new_cache(), all_logits=True).logits
+    b = Engine(tiny.model).forward(ids, Engine(tiny.model).new_cache(), all_logits=True).logits
+    np.testing.assert_array_equal(a, b)                  # the same weights, only no tokenizer
 
 
 # ----------------------------------------------------------------------------- checkpoint variants

@@ -238,8 +238,8 @@ class Engine:
         to its exit (at most L-1)."""
         if not checking:
             return np.zeros(len(exit_layers), dtype=np.int64)
-        L = self.config.n_layer
-        n_checks = np.clip(np.minimum(exit_layers, L - 1) - self.policy.min_exit_layer + 1, 0, None)
+        L, first = self.config.n_layer, max(1, self.policy.min_exit_layer)     # checks run after blocks 1..
+        n_checks = np.clip(np.minimum(exit_layers, L - 1) - first + 1, 0, None)
         return n_checks * self.policy.check_flops(self.config)
 
     def _head_cost(self, exit_layers: np.ndarray) -> np.ndarray:

@@ -180,10 +180,15 @@ class Saturation(ThresholdPolicy):
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of rows a[i], b[i] ([N, C]) clipped to [-1, 1] (NumPy twin of the fast kernel)."""
-    num = np.einsum("ij,ij->i", a, b)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return np.clip(num / np.maximum(den, np.float32(1e-12)), -1.0, 1.0)
+    """Cosine of rows a[i], b[i] ([N, C]) in float64, clipped to [-1, 1], 0 for a zero row, NaN
+    kept -> [N] float32 (NumPy twin of the fast kernel). Tiny but nonzero norms are exact: rows
+    of norms 1 and 1e-38 in the same direction have cosine 1."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ab = np.einsum("ij,ij->i", a64, b64)
+    aa, bb = np.einsum("ij,ij->i", a64, a64), np.einsum("ij,ij->i", b64, b64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.where((aa == 0) | (bb == 0), 0.0, ab / (np.sqrt(aa) * np.sqrt(bb)))
+    return np.clip(c, -1.0, 1.0).astype(np.float32)
 
 
 class Adept(ThresholdPolicy):

@@ -212,10 +212,11 @@ class single_threaded_blas:
 
 #: Models with more weight bytes than this default to every core, smaller ones to one thread
 #: (``bench/bench_threads.py``). A small model runs from cache, where a second BLAS/OpenMP
-#: thread costs more than it saves (embedded model, 27 MB: 2 threads decode 0.5x and prefill 0.3x
-#: of 1 thread on a busy machine); a large one streams its weights from memory at every token,
-#: and two cores stream more than one when they are free (124M shapes, 475 MB, idle: 22 against
-#: 27 ms per decode token). The same size splits the fused decode step's products over threads.
+#: thread costs more than it saves (embedded model, 27 MB: 2 threads decode at 0.5-0.6x and
+#: prefill far slower than 1 thread); a large one streams its weights from memory at every
+#: token, and two cores stream more than one when they are free (124M shapes, 475 MB, idle:
+#: 22 against 27 ms per decode token; on a busy machine a second thread is slower at any size).
+#: The same size splits the fused decode step's products over threads.
 SMALL_MODEL_BYTES = 64 << 20
 
 

@@ -175,3 +175,10 @@ def test_unsupported_dtype_is_a_one_line_error(tmp_path, embedded):
     r = run_cli("generate", "x", "--model", tmp_path, "--max-new-tokens", "1")
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "wte.weight" in r.stderr and "int32" in r.stderr
+
+
+@pytest.mark.parametrize("t", ["0", None, True, [1.0]])
+def test_temperature_of_another_type_is_named_as_such(t):
+    from minadept.errors import MinadeptError
+    with pytest.raises(MinadeptError, match="--temperature must be a number, got"):
+        SamplingSettings(temperature=t)

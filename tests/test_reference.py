@@ -75,3 +75,12 @@ def test_reference_forward_matches_transformers_live():
         want = ref(torch.tensor([ids.tolist()])).logits[0].numpy()
     d = float(np.abs(R.forward(model, ids) - want).max())
     assert d <= 1e-4, f"reference.forward vs transformers: max abs diff {d:.3g}"
+
+
+@pytest.mark.parametrize("ids, msg", [([-1], "token id out of range"), ([99999], "token id out of range"),
+                                      ([1.5], "must be integer token ids"), ([], "takes 1 to 256"),
+                                      (list(range(257)), "takes 1 to 256")])
+def test_reference_forward_rejects_bad_ids(ids, msg):
+    from minadept.errors import MinadeptError
+    with pytest.raises(MinadeptError, match=msg):
+        R.forward(Model.load(), ids)

@@ -28,6 +28,7 @@ from .errors import MinadeptError
 from .exits.policies import ExitState, NoExit, Policy
 from .exits.propagate import StackedKV, propagate_kv_loop, write_propagated
 from .flops import block_flops, full_forward_flops, head_flops, kv_layer_flops
+from .tokenizer import token_ids
 
 KV_MODES = ("propagate", "propagate-loop", "oracle")
 FILL_MODES = ("eager", "lazy")
@@ -50,25 +51,6 @@ class ForwardResult:
     def total_flops(self) -> int:
         return int(self.block_flops.sum() + self.check_flops.sum() + self.head_flops.sum()
                    + self.propagation_flops)
-
-
-def token_ids(ids, vocab_size: int, name: str = "ids") -> np.ndarray:
-    """``ids`` (a 1-D sequence or array of integer token ids, possibly empty) as int64 [T].
-    Raises MinadeptError for another shape, a non-integer (float, bool, str) or an id outside
-    [0, vocab_size), naming ``name``."""
-    try:
-        arr = np.asarray(ids)
-    except (ValueError, TypeError):          # ragged nesting
-        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got a ragged nested sequence") from None
-    if arr.ndim != 1:
-        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got {type(ids).__name__} of shape {arr.shape}")
-    if arr.size and (arr.dtype.kind not in "iu" or (not isinstance(ids, np.ndarray)       # [1, True] -> int64
-                                                    and not {bool, np.bool_}.isdisjoint(map(type, ids)))):
-        raise MinadeptError(f"{name} must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
-        raise MinadeptError(f"token id out of range [0, {vocab_size}), got {bad} in {name}")
-    return arr.astype(np.int64, copy=False)
 
 
 def _freeze_exited(hidden: np.ndarray, exit_layers: np.ndarray) -> None:

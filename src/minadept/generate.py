@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, ForwardResult, token_ids
+from .engine import Engine, ForwardResult
+from .tokenizer import token_ids
 from .errors import MinadeptError
 from .sampling import SamplingSettings, sample
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import MinadeptError
+from .tokenizer import token_ids
+
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _INV_SQRT_2 = np.float32(1.0 / np.sqrt(2.0))
 
@@ -135,9 +138,12 @@ def block(blk, x: np.ndarray, config) -> np.ndarray:
 
 def forward(model, ids) -> np.ndarray:
     """The plain GPT-2 forward: token ids [T] -> logits [T, V] float32 (``model`` as
-    ``Model.load`` returns it). Matches transformers' GPT2LMHeadModel."""
+    ``Model.load`` returns it). Matches transformers' GPT2LMHeadModel. Raises MinadeptError for
+    ids that are not integers in [0, vocab_size) or more than n_positions of them."""
     p, cfg = model.params, model.config
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = token_ids(ids, cfg.vocab_size)
+    if not 1 <= len(ids) <= cfg.n_positions:
+        raise MinadeptError(f"reference.forward takes 1 to {cfg.n_positions} (n_positions) tokens, got {len(ids)}")
     x = p.wte[ids] + p.wpe[np.arange(len(ids))]                                    # [T, C]
     for blk in p.h:
         x = block(blk, x, cfg)

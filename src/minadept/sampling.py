@@ -19,7 +19,9 @@ class SamplingSettings:
 
     def __post_init__(self):
         t = self.temperature
-        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise MinadeptError(f"--temperature must be a number, got {type(t).__name__} {t!r}")
+        if math.isnan(t) or t < 0 or math.isinf(t):
             raise MinadeptError(f"--temperature must be a finite number >= 0, got {t}")
         if self.top_k is not None and self.top_k < 1:
             raise MinadeptError(f"--top-k must be >= 1, got {self.top_k}")

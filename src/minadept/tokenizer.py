@@ -3,9 +3,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .errors import MinadeptError
 
 EOT = "<|endoftext|>"
+
+
+
+def token_ids(ids, vocab_size: int, name: str = "ids") -> np.ndarray:
+    """``ids`` (a 1-D sequence or array of integer token ids, possibly empty) as int64 [T].
+    Raises MinadeptError for another shape, a non-integer (float, bool, str) or an id outside
+    [0, vocab_size), naming ``name``."""
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError):          # ragged nesting
+        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got a ragged nested sequence") from None
+    if arr.ndim != 1:
+        raise MinadeptError(f"{name} must be a 1-D sequence of token ids, got {type(ids).__name__} of shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" or (not isinstance(ids, np.ndarray)       # [1, True] -> int64
+                                                    and not {bool, np.bool_}.isdisjoint(map(type, ids)))):
+        raise MinadeptError(f"{name} must be integer token ids, got {'bool' if arr.dtype.kind in 'iu' else arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise MinadeptError(f"token id out of range [0, {vocab_size}), got {bad} in {name}")
+    return arr.astype(np.int64, copy=False)
 
 
 class Tokenizer:
@@ -61,7 +83,6 @@ class Tokenizer:
         """Token ids -> text; incomplete UTF-8 at the end becomes U+FFFD (HF behaviour).
         Raises MinadeptError for ids that are not integers in [0, vocab_size) (the tokenizers
         library would silently drop them)."""
-        from .engine import token_ids
         return self._tok.decode(token_ids(ids, self.vocab_size).tolist(), skip_special_tokens=False)
 
     def stream(self) -> "StreamDecoder":

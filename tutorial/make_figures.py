@@ -20,10 +20,7 @@ def main() -> int:
         if run_chapters.OUT_VAR not in c.read_text(encoding="utf-8"):      # draws no picture
             continue
         problems, secs, _ = run_chapters.check_chapter(c, here, cwd=here.parent)
-        print(f"{c.name:40s} {secs:6.1f} s  {'ok' if not problems else 'FAILED'}")
-        for p in problems:
-            print("   ", p)
-        failed += bool(problems)
+        failed += run_chapters.report(c, problems, secs)
     return 1 if failed else 0
 
 

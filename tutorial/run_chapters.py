@@ -144,11 +144,16 @@ def main(argv: list[str]) -> int:
             problems, secs, stdout = check_chapter(c, out or Path(tmp))
             if verbose:
                 print(stdout)
-            print(f"{c.name:40s} {secs:6.1f} s  {'ok' if not problems else 'FAILED'}")
-            for p in problems:
-                print("   ", p)
-            failed += bool(problems)
+            failed += report(c, problems, secs)
     return 1 if failed else 0
+
+
+def report(chapter: Path, problems: list, secs: float) -> bool:
+    """Print a chapter's line (and its problems); True if it failed."""
+    print(f"{chapter.name:40s} {secs:6.1f} s  {'ok' if not problems else 'FAILED'}")
+    for p in problems:
+        print("   ", p)
+    return bool(problems)
 
 
 if __name__ == "__main__":

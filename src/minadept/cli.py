@@ -1,4 +1,5 @@
-"""Command line: ``minadept generate | eval | calibrate | dump | check | info`` (also ``python -m minadept``).
+"""Command line: ``minadept generate | eval | calibrate | dump | check | probe-train | classify | info``
+(also ``python -m minadept``).
 
 Errors are one line on stderr (``error: ...``) and exit status 2 (bad usage) or 1 (bad input).
 """
@@ -135,6 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="version, default model, BLAS, backend")
     i.add_argument("--model", default=None)
+
+    t = sub.add_parser("probe-train", help="fit a linear probe per layer on a text<TAB>label file (classify)")
+    t.add_argument("--data", required=True, help="UTF-8 TSV with the header text<TAB>label")
+    t.add_argument("--out", required=True, help="output directory for probes.safetensors and probes.json")
+    _add_model(t)
+    t.add_argument("--pool", default="auto", choices=["auto", "mean", "last"],
+                   help="features: mean over tokens, last token, or auto (both fitted, the better kept)")
+    t.add_argument("--holdout", type=_float, default=0.2, help="held-out share for L2 and thresholds (0.2)")
+    t.add_argument("--seed", type=_seed, default=0, help="held-out split seed (default 0)")
+    t.add_argument("--max-examples", type=int, default=None, help="use a seeded sample of N examples")
+    t.add_argument("--force", action="store_true", help="overwrite existing probes in --out")
+    t.add_argument("--json", action="store_true", help="last stdout line is a JSON object")
+    _add_policy(t)
+    t.set_defaults(exit=None, kv=None, kv_fill=None, schedule=None)
+
+    q = sub.add_parser("classify", help="classify texts with per-layer probes, stopping each input early")
+    q.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (or --data)")
+    q.add_argument("--data", default=None, help="UTF-8 TSV with the header text<TAB>label (or text)")
+    q.add_argument("--probes", default=None, help="probe directory or file (default: the model's sentiment/)")
+    q.add_argument("--stop", default="full",
+                   help="full (default), layer:K, max-prob[:T], entropy[:T], patience[:P]; no value: the probes' calibrated one")
+    _add_model(q)
+    q.add_argument("--compare", action="store_true", help="also time full depth (interleaved text by text) and report the speed-up")
+    q.add_argument("--rounds", type=int, default=3, help="rounds over the texts with --compare (default 3)")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of the lines")
+    _add_policy(q)
+    q.set_defaults(exit=None, kv=None, kv_fill=None, schedule=None)
     return p
 
 
@@ -637,12 +665,156 @@ COMMANDS = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_in
 COMMANDS["check"] = cmd_check
 
 
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="text", leave=False, disable=None, file=sys.stderr)
+
+
+def cmd_probe_train(args) -> int:
+    """``minadept probe-train``: fit and write probes; prints a per-layer table (``--json``: one
+    JSON object as the last stdout line)."""
+    import numpy as np
+
+    from .classify import PROBE_FILE, PROBE_JSON, _engine_settings, read_tsv, save_probes, train_probes
+    from pathlib import Path
+
+    from .model import Model
+    from .settings import build_engine
+    settings = _engine_settings(args)
+    if not 0 < args.holdout < 1:
+        raise MinadeptError(f"--holdout must be in (0, 1), got {args.holdout}")
+    out = Path(args.out)
+    if (out / PROBE_FILE).exists() and not args.force:
+        raise MinadeptError(f"{out / PROBE_FILE} exists (use --force to overwrite)")
+    if out.exists() and not out.is_dir():
+        raise MinadeptError(f"--out must be a directory, got the file {out}")
+    texts, labels = read_tsv(args.data)
+    if args.max_examples is not None:
+        if args.max_examples < 10:
+            raise MinadeptError(f"--max-examples must be >= 10, got {args.max_examples}")
+        keep = np.sort(np.random.default_rng(args.seed).permutation(len(texts))[:args.max_examples])
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    model = Model.load(args.model)
+    set_threads(args, model)
+    engine = build_engine(model, settings)
+    engine.prepare()
+    bar = _progress(len(texts), "features")
+    probes = train_probes(model, engine, settings.as_dict(), texts, labels, pooling=args.pool,
+                          holdout=args.holdout, seed=args.seed, progress=bar.update)
+    bar.close()
+    save_probes(probes, out)
+    info = probes.info
+    if args.json:
+        print(json.dumps(dict(out=str(out), labels=probes.labels, pooling=probes.pooling, exit=settings.as_dict(), **info)))
+        return 0
+    print(f"{len(texts)} examples ({info['n_fit']} fit, {info['n_heldout']} held out), labels {', '.join(probes.labels)}; "
+          f"{info['truncated']} truncated to the context")
+    accs = info["heldout_acc"]
+    print("layer  " + "  ".join(f"{m:>6}" for m in accs) + "   l2")
+    for l in range(probes.n_layer):
+        print(f"{l + 1:5d}  " + "  ".join(f"{accs[m][l]:6.2f}" for m in accs) + f"   {info['l2'][l]:g}")
+    print(f"pooling: {probes.pooling} (held-out mean accuracy over layers: "
+          + ", ".join(f"{m} {a:.2f}" for m, a in info["heldout_mean_acc"].items()) + ")")
+    print("thresholds (held out, drop <= 1 point): "
+          + ", ".join(f"{k} {v if v is not None else '-'}" for k, v in info["thresholds"].items()))
+    print(f"wrote {out / PROBE_FILE} and {out / PROBE_JSON}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    """``minadept classify``: predictions, accuracy (labels given), mean stop layer, compute
+    fraction, texts/s; ``--compare`` also times full depth, interleaved text by text, ``--rounds`` times."""
+    import warnings
+
+    import numpy as np
+
+    from .classify import (DEFAULT_PROBES, PROBE_FILE, _engine_settings, classify_ids, encode, full_depth_ids,
+                           label_indices, load_probes, parse_rule, read_tsv, resolve_rule)
+    from .model import Model
+    from .settings import EngineSettings, build_engine
+    if bool(args.texts) == bool(args.data):
+        raise MinadeptError("give TEXT... or --data FILE (one of them)")
+    rule = parse_rule(args.stop)
+    if args.data:
+        texts, labels = read_tsv(args.data, need_labels=False)
+    else:
+        texts, labels = list(args.texts), None
+        for t in texts:
+            if not t.strip():
+                raise MinadeptError("empty text: nothing to classify")
+    model = Model.load(args.model)
+    if args.probes is None:
+        if model.path is None or not (model.path / DEFAULT_PROBES / PROBE_FILE).exists():
+            raise MinadeptError("no --probes given and the model ships none (train some with minadept probe-train)")
+        args.probes = str(model.path / DEFAULT_PROBES)
+    probes = load_probes(args.probes, model)
+    rule = resolve_rule(parse_rule(args.stop, model.config.n_layer), probes)
+    y = label_indices(labels, probes.labels) if labels is not None else None
+    settings = _engine_settings(args, probes)
+    n_threads = set_threads(args, model)
+    engine = build_engine(model, settings)
+    engine.prepare()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = [encode(model.tokenizer, t, model.config.n_positions) for t in texts]
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    full_engine = build_engine(model, EngineSettings()) if args.compare else None
+    rounds = max(1, args.rounds) if args.compare else 1
+    t_rule = t_full = 0.0
+    for r in range(rounds):                # with --compare: interleaved text by text, so that a
+        results, full = [], []             # busy machine's drift hits both sides alike
+        for i in ids:
+            t0 = time.perf_counter()
+            results.append(classify_ids(engine, probes, i, rule))
+            t_rule += time.perf_counter() - t0
+            if full_engine is not None:
+                t0 = time.perf_counter()
+                full.append(full_depth_ids(full_engine, probes, i))
+                t_full += time.perf_counter() - t0
+    pred = np.array([r.label for r in results])
+    s = {"texts": len(texts), "stop": str(rule), "pooling": probes.pooling,
+         "mean_stop_layer": round(float(np.mean([r.stop_layer for r in results])), 3),
+         "compute_fraction": round(sum(r.flops for r in results) / sum(r.full_flops for r in results), 4),
+         "texts_per_s": round(rounds * len(texts) / t_rule, 2), "threads": n_threads,
+         **{k: v for k, v in engine.settings().items()}}
+    if y is not None:
+        s["accuracy"] = round(100 * float((pred == y).mean()), 2)
+    if full_engine is not None:
+        fpred = np.array([r.label for r in full])
+        s["full_depth_texts_per_s"] = round(rounds * len(texts) / t_full, 2)
+        s["speedup"] = round(t_full / t_rule, 3)
+        s["agreement_with_full"] = round(100 * float((fpred == pred).mean()), 2)
+        if y is not None:
+            s["full_depth_accuracy"] = round(100 * float((fpred == y).mean()), 2)
+    s["predictions"] = [{"label": probes.labels[r.label], "prob": round(float(r.probs.max()), 4),
+                         "stop_layer": r.stop_layer} for r in results]
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    for t, r in zip(texts, results):
+        short = t if len(t) <= 60 else t[:57] + "..."
+        print(f"{probes.labels[r.label]}\t{r.probs.max():.3f}\tlayer {r.stop_layer}\t{short}")
+    line = (f"{len(texts)} texts, --stop {rule}: mean stop layer {s['mean_stop_layer']:.2f}/{model.config.n_layer}, "
+            f"compute fraction {s['compute_fraction']:.3f}, {s['texts_per_s']:.1f} texts/s")
+    if "accuracy" in s:
+        line += f", accuracy {s['accuracy']:.2f}%"
+    if full_engine is not None:
+        line += f"; full depth {s['full_depth_texts_per_s']:.1f} texts/s (speed-up {s['speedup']:.2f}x)"
+    print(line)
+    return 0
+
+
+COMMANDS["probe-train"] = cmd_probe_train
+COMMANDS["classify"] = cmd_classify
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise MinadeptError("missing command (generate, eval, calibrate, dump, check or info); see minadept --help")
+            raise MinadeptError("missing command (generate, eval, calibrate, dump, check, probe-train, classify or info); see minadept --help")
         from . import backend
         backend.use()
         _check_threads(getattr(args, "threads", None))

@@ -211,11 +211,9 @@ class single_threaded_blas:
 
 
 #: Models with more weight bytes than this default to every core, smaller ones to one thread
-#: (``bench/bench_threads.py``). A small model runs from cache, where a second BLAS/OpenMP
-#: thread costs more than it saves (embedded model, 27 MB: 2 threads decode at 0.5-0.6x and
-#: prefill far slower than 1 thread); a large one streams its weights from memory at every
-#: token, and two cores stream more than one when they are free (124M shapes, 475 MB, idle:
-#: 22 against 27 ms per decode token; on a busy machine a second thread is slower at any size).
+#: (``bench/bench_threads.py``, README "--threads"): a second thread pays on an idle machine
+#: (2-core, embedded model prefill 1.44x, 124M prefill 1.78x / decode 1.12x) and costs dearly on
+#: a busy one (124M decode 0.40x with one busy neighbour); the small model has the least to gain.
 #: The same size splits the fused decode step's products over threads.
 SMALL_MODEL_BYTES = 64 << 20
 

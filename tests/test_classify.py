@@ -236,3 +236,19 @@ def test_probe_train_bad_holdout_fails_before_running(tmp_path, capsys):
     code, out, err = run(["probe-train", "--data", str(SENT / "train.tsv"), "--out", str(tmp_path / "p"),
                           "--holdout", "1.5"], capsys)
     assert code == 1 and "--holdout must be in (0, 1)" in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("st", [dict(exit="adept", threshold=0.5), dict(exit="adept", threshold=0.5, kv_fill="lazy"),
+                                dict(exit="saturation", threshold=0.8, kv="oracle", min_exit_layer=3), dict()])
+def test_layer_states_flops_at_the_last_layer_equal_the_engines(st):
+    """Run to the end, the running FLOP count equals a full forward's blocks + checks + propagation."""
+    from minadept import Model
+    from minadept.classify import layer_states
+    from minadept.settings import EngineSettings, build_engine
+    m = Model.load()
+    ids = [m.tokenizer.eot_id] + m.tokenizer.encode("The puppy was happy and played in the sun all day long.")
+    eng = build_engine(m, EngineSettings(**st))
+    layer, h, flops = list(layer_states(eng, ids))[-1]
+    r = eng.forward(ids, eng.new_cache(len(ids)), all_logits=True, record_hidden=True)
+    assert layer == m.config.n_layer and np.array_equal(h, r.hidden[-1])
+    assert flops == int(r.block_flops.sum() + r.check_flops.sum() + r.propagation_flops)

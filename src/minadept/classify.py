@@ -135,24 +135,34 @@ def layer_states(engine, ids: np.ndarray, cache=None):
         cache = engine.new_cache(len(ids))
     p = _Pass.start(engine, ids, cache.length, False)
     checking = engine._checking(0)
-    check_cost = engine.policy.check_flops(cfg) if checking else 0
-    check_f = 0
     cache.length = p.end          # the cache holds this input from the first block on
-    for layer, blk in enumerate(engine.model.params.h, start=1):
-        run = p.everyone if p.oracle else p.active
-        if run.size:              # (once every token has exited, nothing needs deeper K/V)
-            if engine.fill == "lazy":
-                p.prop_f += engine.fill_pending(cache, layer, p.end)
-            x, x_new, q, k, v = engine._block(blk, layer, p, run, cache, False)
-            if checking and engine.policy.min_exit_layer <= layer < L and p.active.size:
-                check_f += p.active.size * check_cost
-                engine._exit_step(p, layer, x, x_new, (q, k, v), 0, False, cache)
-        h = p.h
-        if p.oracle and p.active.size < len(ids):           # oracle keeps running exited tokens
-            keep = np.zeros(len(ids), bool)
-            keep[p.active] = True
-            h = np.where(keep[:, None], p.h, p.h_exit)
-        yield layer, h, int(p.blocks_f.sum()) + int(p.prop_f) + int(check_f)
+    done = 0
+    for layer in engine._blocks(p, cache, 0, checking, False, False):
+        done = layer
+        yield layer, _states(p), _flops_so_far(engine, p, layer, checking)
+    for layer in range(done + 1, L + 1):        # every token has exited: nothing runs deeper
+        yield layer, _states(p), _flops_so_far(engine, p, layer, checking)
+
+
+def _states(p) -> np.ndarray:
+    """The pass's states [T, C], a token that exited at k holding h_k (the ``oracle`` K/V mode
+    keeps running exited tokens, so their h_k comes from ``h_exit``)."""
+    if not (p.oracle and p.active.size < len(p.pos)):
+        return p.h
+    keep = np.zeros(len(p.pos), bool)
+    keep[p.active] = True
+    return np.where(keep[:, None], p.h, p.h_exit)
+
+
+def _flops_so_far(engine, p, layer: int, checking: bool) -> int:
+    """Blocks, K/V propagation and the exit checks of blocks 1..``layer``: a token is checked after
+    every block from min_exit_layer to its exit (still active: to ``layer``), never after block L."""
+    checks = 0
+    if checking:
+        first, L = max(1, engine.policy.min_exit_layer), engine.config.n_layer
+        n = np.clip(np.minimum(np.minimum(p.exit_layers, layer), L - 1) - first + 1, 0, None)
+        checks = int(n.sum()) * engine.policy.check_flops(engine.config)
+    return int(p.blocks_f.sum()) + int(p.prop_f) + checks
 
 
 def pool(h: np.ndarray, mode: str) -> np.ndarray:

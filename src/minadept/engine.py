@@ -279,15 +279,8 @@ class Engine:
         # tokens) but not the attention output and MLP, which would feed nothing. Skipped there;
         # the FLOP accounting still counts whole blocks (the model's nominal cost).
         trim_last = not (all_logits or record_hidden or p.oracle)
-        for layer, blk in enumerate(self.model.params.h, start=1):
-            run = p.everyone if p.oracle else p.active
-            if run.size == 0:
-                break
-            if self.fill == "lazy":
-                p.prop_f += self.fill_pending(cache, layer, p.end)
-            x, x_new, q, k, v = self._block(blk, layer, p, run, cache, trim_last and layer == L)
-            if checking and self.policy.min_exit_layer <= layer < L and p.active.size:
-                self._exit_step(p, layer, x, x_new, (q, k, v), step, all_logits, cache)
+        for _ in self._blocks(p, cache, step, checking, all_logits, trim_last):
+            pass
         p.h_exit[p.active] = p.h[p.active]
         if record_hidden:
             _freeze_exited(p.hidden, p.exit_layers)
@@ -298,6 +291,22 @@ class Engine:
                              check_flops=self._check_flops(p.exit_layers, checking), head_flops=head_f,
                              propagation_flops=p.prop_f, hidden=p.hidden,
                              full_flops=full_forward_flops(cfg, len(ids), len(rows), start=int(p.pos[0])))
+
+    def _blocks(self, p: "_Pass", cache: KVCache, step: int, checking: bool, all_logits: bool, trim_last: bool):
+        """Blocks 1..n_layer over the pass ``p``, each followed by its exit step; yields the layer
+        number after each and stops once no token runs (callers may stop earlier, e.g. to end an
+        input at a layer)."""
+        L = self.config.n_layer
+        for layer, blk in enumerate(self.model.params.h, start=1):
+            run = p.everyone if p.oracle else p.active
+            if run.size == 0:
+                return
+            if self.fill == "lazy":
+                p.prop_f += self.fill_pending(cache, layer, p.end)
+            x, x_new, q, k, v = self._block(blk, layer, p, run, cache, trim_last and layer == L)
+            if checking and self.policy.min_exit_layer <= layer < L and p.active.size:
+                self._exit_step(p, layer, x, x_new, (q, k, v), step, all_logits, cache)
+            yield layer
 
     def _block(self, blk, layer: int, p: "_Pass", run: np.ndarray, cache: KVCache, trim: bool):
         """Block ``layer`` for the tokens ``run``: q/k/v, the cache write, the rest of the block

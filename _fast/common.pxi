@@ -8,7 +8,8 @@
 # - ``exp_approx``: vectorisable single-precision e^x (every softmax and GELU)
 # - ``gelu1``: GELU, tanh form, of one value (``gelu_tanh``; the block's MLP)
 # - ``attend_one``: one query's causal attention over a K/V run (``attention``; the block's heads)
-from libc.math cimport INFINITY, sqrt
+# - ``adept_logit_row``: the learned exit policy's logit of one state (``adept_logit``; the gate)
+from libc.math cimport INFINITY, log, sqrt
 
 
 cdef inline void ln_row(const float* x, const float* g, const float* b, float* out, Py_ssize_t C,
@@ -137,3 +138,27 @@ cdef inline void attend_one(const float* q, const float* k, const float* v, Py_s
     for d in range(D):
         out[d] = <float>(acc[d] / z)
 
+
+
+cdef inline double adept_logit_row(const float* h, const float* h_prev, Py_ssize_t C, const float* w,
+                                   double b, double eps) noexcept nogil:
+    """The learned exit policy's logit of one state h [C] after block k (h_prev [C] after block
+    k-1), weights w [C + 2]: ``(h - mean) / sd . w[:C] + log(sd) w[C] + cos(h, h_prev) w[C+1] + b``,
+    sd = sqrt(var + eps). Two passes over the row in double, no temporaries."""
+    cdef Py_ssize_t j
+    cdef double s = 0.0, hh = 0.0, hp = 0.0, pp = 0.0, x, y, d, mu, var = 0.0, dw = 0.0, sd, cos
+    for j in range(C):                       # pass 1: mean and the cosine's sums
+        x = h[j]
+        y = h_prev[j]
+        s += x
+        hh += x * x
+        hp += x * y
+        pp += y * y
+    mu = s / C
+    for j in range(C):                       # pass 2: centred variance and (h - mu) . w
+        d = h[j] - mu
+        var += d * d
+        dw += d * w[j]
+    sd = sqrt(var / C + eps)
+    cos = hp / (sqrt(hh) * sqrt(pp)) if hh > 0 and pp > 0 else 0.0
+    return dw / sd + log(sd) * w[C] + cos * w[C + 1] + b

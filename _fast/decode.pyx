@@ -14,12 +14,13 @@ import threading
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
 
 include "common.pxi"
+
+cdef class ExitPlan
 
 
 # ----------------------------------------------------------------------------- BLAS sgemv, OpenMP row split
@@ -275,5 +276,147 @@ cdef class DecodePlan:
         """logits [V] = ln_f(x [C]) @ lm_head^T (twin of ``final_norm`` + ``lm_head``)."""
         if x.shape[0] != self.n_embd or logits.shape[0] != self.vocab_size:
             raise ValueError("DecodePlan.head: x must have n_embd values and logits vocab_size")
-        ln_row(&x[0], self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
-        self._gemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, &logits[0], 0.0)
+        self._head(&x[0], &logits[0])
+
+    cdef void _head(self, const float* x, float* logits) noexcept nogil:
+        ln_row(x, self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
+        self._gemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, logits, 0.0)
+
+    def step_adept(self, ExitPlan ep, Py_ssize_t token, Py_ssize_t pos, float[:, :, :, :, ::1] kv,
+                   int first, double cut, float[::1] logits):
+        """One whole decode step of a token under ADEPT's learned exits, in one call: embed, then
+        blocks 1..L, the gate after each block k with first <= k < L (exit when the policy's logit
+        ``adept_logit_row`` > ``cut`` = log(tau / (1 - tau))); at an exit, the K/V of blocks k+1..L
+        from h_k by the folded propagation weights of ``ep`` written into ``kv`` at ``pos``, then
+        the exit map (if any) and the LM head into logits [V]. Twin of ``fused.decode_one``'s loop
+        with ``Adept.decide``, ``Engine._propagate`` (eager, ``StackedKV``) and ``predict_one``.
+        Returns the exit layer (n_layer for none)."""
+        cdef Py_ssize_t C = self.n_embd, n_ctx = kv.shape[3]
+        cdef int L = self.n_layer, l, k = self.n_layer
+        cdef float* kv_l[64]
+        if ep.n_layer != L or ep.n_embd != C:
+            raise ValueError("DecodePlan.step_adept: the exit plan is for another model")
+        if logits.shape[0] != self.vocab_size:
+            raise ValueError("DecodePlan.step_adept: logits must have vocab_size values")
+        if L > 64:
+            raise ValueError("DecodePlan.step_adept: at most 64 layers")
+        if not (0 <= token < self.vocab_size):
+            raise ValueError("DecodePlan.step_adept: token out of range")
+        for l in range(L):
+            kv_l[l] = self._layer_cache(kv, l, pos)
+        for l in range(max(first, 1) - 1, L - 1):
+            if not ep.ready[l]:
+                raise ValueError(f"DecodePlan.step_adept: exit layer {l + 1} has no weights")
+        cdef float* x = ep.x_p
+        cdef float* xp = ep.xprev_p
+        with nogil:
+            for l in range(C):
+                x[l] = self.wte[token * C + l] + self.wpe[pos * C + l]
+            for l in range(L):
+                memcpy(xp, x, C * sizeof(float))
+                self._block(l, x, kv_l[l], n_ctx, pos)
+                if l + 1 >= first and l + 1 < L:
+                    if adept_logit_row(x, xp, C, ep.pw[l], ep.pb[l], 1e-5) > cut:
+                        k = l + 1
+                        break
+            if k < L:
+                self._propagate(ep, k, x, kv_l, n_ctx, pos)
+                if ep.ew[k - 1] != NULL:
+                    memcpy(ep.hm_p, ep.eb[k - 1], C * sizeof(float))
+                    self._gemv(ep.ew[k - 1], <int>C, <int>C, x, ep.hm_p, 1.0)
+                    x = ep.hm_p
+            self._head(x, &logits[0])
+        return k
+
+    cdef void _propagate(self, ExitPlan ep, int k, const float* h, float** kv_l, Py_ssize_t n_ctx,
+                         Py_ssize_t pos) noexcept nogil:
+        """K/V of blocks k+1..L of a token that exited at k with state h [C]: y = normalize(h) @ A_k
+        + d_k (one product over all skipped blocks), scattered into each block's cache row."""
+        cdef Py_ssize_t C = self.n_embd, H = self.n_head, D = self.head_dim, m, s, hd, j
+        cdef int M = self.n_layer - k, N = <int>(2 * C * M)
+        cdef double mean = 0.0, var = 0.0, inv, t
+        for j in range(C):
+            mean += h[j]
+        mean /= C
+        for j in range(C):
+            t = h[j] - mean
+            var += t * t
+        inv = 1.0 / sqrt(var / C + self.eps)
+        for j in range(C):
+            ep.n_p[j] = <float>((h[j] - mean) * inv)
+        memcpy(ep.y_p, ep.d[k - 1], N * sizeof(float))
+        gemv(ep.A[k - 1], <int>C, N, N, ep.n_p, ep.y_p, 1.0)
+        for m in range(M):                    # block k+1+m: K then V, heads in order
+            for s in range(2):
+                for hd in range(H):
+                    memcpy(kv_l[k + m] + (s * H + hd) * n_ctx * D + pos * D,
+                           ep.y_p + m * 2 * C + s * C + hd * D, D * sizeof(float))
+
+
+cdef class ExitPlan:
+    """ADEPT's learned exits in the form ``DecodePlan.step_adept`` runs: per exit layer k
+    (1..L-1, index k-1) the policy's weights w [C + 2] and bias, the exit map (W [C, C], b [C], or
+    None for the identity) and the folded propagation weights (A_k [C, (L-k) 2C], d_k [(L-k) 2C],
+    ``propagate.StackedKV.weights``; None for a layer no token exits at). float32 copies are kept
+    alive here; the scratch is the plan's own, so hold the DecodePlan's lock for a step."""
+    cdef readonly int n_layer, n_embd
+    cdef list keep
+    cdef const float** pw
+    cdef double* pb
+    cdef const float** ew
+    cdef const float** eb
+    cdef const float** A
+    cdef const float** d
+    cdef bint* ready
+    cdef float* x_p
+    cdef float* xprev_p
+    cdef float* hm_p
+    cdef float* n_p
+    cdef float* y_p
+
+    def __cinit__(self, int n_layer, int n_embd, policy_w, policy_b, exit_w, exit_b, list A, list d):
+        cdef int L = n_layer, C = n_embd, k
+        if L < 1 or C < 1 or len(A) != L - 1 or len(d) != L - 1:
+            raise ValueError("ExitPlan: need n_layer - 1 propagation weights")
+        self.n_layer, self.n_embd, self.keep = L, C, []
+        self.pw = <const float**>malloc(max(L, 1) * sizeof(float*))
+        self.ew = <const float**>malloc(max(L, 1) * sizeof(float*))
+        self.eb = <const float**>malloc(max(L, 1) * sizeof(float*))
+        self.A = <const float**>malloc(max(L, 1) * sizeof(float*))
+        self.d = <const float**>malloc(max(L, 1) * sizeof(float*))
+        self.pb = <double*>malloc(max(L, 1) * sizeof(double))
+        self.ready = <bint*>malloc(max(L, 1) * sizeof(bint))
+        if not (self.pw and self.ew and self.eb and self.A and self.d and self.pb and self.ready):
+            raise MemoryError()
+        pb = np.asarray(policy_b, dtype=np.float64).reshape(-1)
+        if pb.shape[0] != L - 1:
+            raise ValueError(f"ExitPlan: policy_b has {pb.shape[0]} values, expected {L - 1}")
+        for k in range(L - 1):
+            self.pw[k] = _ptr(self.keep, policy_w[k], (C + 2,), f"policy_w[{k}]")
+            self.pb[k] = pb[k]
+            if exit_w is None:
+                self.ew[k] = NULL
+                self.eb[k] = NULL
+            else:
+                self.ew[k] = _ptr(self.keep, exit_w[k], (C, C), f"exit_w[{k}]")
+                self.eb[k] = _ptr(self.keep, exit_b[k], (C,), f"exit_b[{k}]")
+            self.ready[k] = A[k] is not None
+            if A[k] is None:
+                self.A[k] = NULL
+                self.d[k] = NULL
+            else:
+                self.A[k] = _ptr(self.keep, A[k], (C, 2 * C * (L - 1 - k)), f"A[{k}]")
+                self.d[k] = _ptr(self.keep, d[k], (2 * C * (L - 1 - k),), f"d[{k}]")
+        scratch = [np.zeros(C, np.float32) for _ in range(4)] + [np.zeros(max(1, 2 * C * (L - 1)), np.float32)]
+        self.keep.extend(scratch)
+        cdef float[::1] m0 = scratch[0], m1 = scratch[1], m2 = scratch[2], m3 = scratch[3], m4 = scratch[4]
+        self.x_p, self.xprev_p, self.hm_p, self.n_p, self.y_p = &m0[0], &m1[0], &m2[0], &m3[0], &m4[0]
+
+    def __dealloc__(self):
+        free(self.pw)
+        free(self.ew)
+        free(self.eb)
+        free(self.A)
+        free(self.d)
+        free(self.pb)
+        free(self.ready)

@@ -10,7 +10,7 @@ Bounds/wraparound checks are off unless the package was built with MINADEPT_BOUN
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.math cimport INFINITY, exp, log, sqrt
+from libc.math cimport exp
 
 ctypedef const float[:, ::1] cmat
 
@@ -198,29 +198,8 @@ def adept_logit(cmat h, cmat h_prev, const float[::1] w, double b, double eps):
         raise ValueError("adept_logit: shapes do not match")
     out_arr = np.empty(N, dtype=np.float64)
     cdef double[::1] out = out_arr
-    cdef double s, x, y, d, dw, var, hp, hh, pp, mu, sd, cos
     with nogil:
         for i in range(N):
-            s = 0.0
-            hh = 0.0
-            hp = 0.0
-            pp = 0.0
-            for j in range(C):                       # pass 1: mean and the cosine's sums
-                x = h[i, j]
-                y = h_prev[i, j]
-                s += x
-                hh += x * x
-                hp += x * y
-                pp += y * y
-            mu = s / C
-            var = 0.0
-            dw = 0.0
-            for j in range(C):                       # pass 2: centred variance and (h - mu) . w
-                d = h[i, j] - mu
-                var += d * d
-                dw += d * w[j]
-            sd = sqrt(var / C + eps)
-            cos = hp / (sqrt(hh) * sqrt(pp)) if hh > 0 and pp > 0 else 0.0
-            out[i] = dw / sd + log(sd) * w[C] + cos * w[C + 1] + b
+            out[i] = adept_logit_row(&h[i, 0], &h_prev[i, 0], C, &w[0], b, eps)
     return out_arr
 

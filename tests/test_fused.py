@@ -233,3 +233,99 @@ def test_single_token_path_equals_layer_loop_wide(shape, data):
         assert np.array_equal(a.check_flops, b.check_flops) and a.propagation_flops == b.propagation_flops
     close(lb, la, "logits")
     close(cb.kv, ca.kv, "KV cache")
+
+
+# ----------------------------------------------------------------------------- ADEPT in one compiled call
+
+def _adept_run(backend_name, model, params, tau, m_min, mappers, prompt, n_new=6, schedule=None):
+    from minadept.exits.adept import adept_engine
+    from minadept.exits.policies import Adept
+    pol = Adept(schedule or Constant(tau), params, min_exit_layer=m_min)
+    with on_backend(backend_name):
+        eng = adept_engine(model, pol, params, exit_map=mappers, kv_map=mappers)
+        return eng, run(eng, prompt, n_new=n_new)
+
+
+def _same_runs(a_run, b_run, m_min):
+    (ta, la, ca, ra), (tb, lb, cb, rb) = a_run, b_run
+    assert ta == tb
+    for a, b in zip(ra, rb):
+        assert np.array_equal(a.exit_layers, b.exit_layers), (a.exit_layers, b.exit_layers)
+        assert (a.exit_layers >= max(1, m_min)).all()
+        for f in ("block_flops", "check_flops", "head_flops"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), f
+        assert (a.propagation_flops, a.full_flops) == (b.propagation_flops, b.full_flops)
+    close(lb, la, "logits")
+    close(cb.kv, ca.kv, "KV cache")
+    assert cb.length == ca.length
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=model_shapes, data=st.data())
+def test_compiled_adept_step_equals_layer_loop(shape, data):
+    """ADEPT's decode step in one compiled call (``DecodePlan.step_adept``: the gate after each
+    block, the folded propagation of the exiting token's K/V into every skipped block, the exit
+    map, the LM head) against the NumPy layer loop (``Adept.decide``, ``StackedKV``,
+    ``Engine.predict``) over random shapes, thresholds, min_exit_layer and learned or identity
+    maps: same tokens, exit layers and FLOPs; logits and K/V cache to float32 level."""
+    n_layer, n_head, head_dim, mseed = shape
+    assume(n_head * head_dim >= 8)
+    model = cached_model(n_layer, n_head, head_dim, mseed)
+    m_min = data.draw(st.integers(0, n_layer), label="min_exit_layer")
+    tau = data.draw(st.sampled_from([0.0, 0.2, 0.5, 0.8, 0.95]), label="tau")
+    mappers = data.draw(st.booleans(), label="mappers")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    params = random_adept(model.config, seed)
+    prompt = np.random.default_rng(seed).integers(0, VOCAB, data.draw(st.integers(1, 10), label="T"))
+    _, want = _adept_run("numpy", model, params, tau, m_min, mappers, prompt)
+    eng, got = _adept_run("fast", model, params, tau, m_min, mappers, prompt)
+    assert eng.exit_plan is not None
+    _same_runs(want, got, m_min)
+
+
+@pytest.mark.parametrize("tau, mappers, n_exit_layers", [(0.6, True, 3), (0.9, False, 1)])
+def test_compiled_adept_step_is_taken_and_exits_at_several_layers(monkeypatch, tau, mappers, n_exit_layers):
+    """On the fast backend an ADEPT engine decodes through ``step_adept`` alone (the Python
+    block loop is never entered), and these fixed cases both exit early (at several layers in
+    the first) and run to full depth, so the comparison covers exits, propagation and the last
+    layer."""
+    import minadept.fused as F
+    m = random_model(n_layer=6, n_head=4, n_embd=32, vocab_size=97, n_positions=64, seed=4)
+    params = random_adept(m.config, 11)
+    prompt = PROMPT[:8] % 97
+    _, want = _adept_run("numpy", m, params, tau, 1, mappers, prompt, n_new=30)
+    monkeypatch.setattr(F, "_decode_loop", lambda *a: pytest.fail("the Python decode loop ran"))
+    _, got = _adept_run("fast", m, params, tau, 1, mappers, prompt, n_new=30)
+    _same_runs(want, got, 1)
+    seen = {int(r.exit_layers[0]) for r in got[3][1:]}
+    assert len(seen - {6}) >= n_exit_layers and 6 in seen, seen
+
+
+def test_compiled_adept_step_follows_the_decay_schedule():
+    """CALM's decaying threshold reaches the compiled step per generated token: the same exits
+    as the layer loop when tau changes from step to step."""
+    from minadept.exits.policies import Decay
+    m = random_model(n_layer=6, n_head=4, n_embd=32, vocab_size=97, n_positions=64, seed=4)
+    params = random_adept(m.config, 11)
+    prompt = PROMPT[:8] % 97
+    sched = Decay(0.9, horizon=12)
+    _, want = _adept_run("numpy", m, params, None, 1, True, prompt, n_new=20, schedule=sched)
+    _, got = _adept_run("fast", m, params, None, 1, True, prompt, n_new=20, schedule=sched)
+    _same_runs(want, got, 1)
+
+
+def test_exit_plan_only_for_what_it_runs():
+    """The compiled step is used only where it is the same computation: ADEPT with eager
+    propagation and an AdeptParams exit map (or none); lazy fill, the per-layer loop, another
+    policy or a foreign exit map keep the Python loop."""
+    from minadept.exits.adept import adept_engine
+    from minadept.exits.policies import Adept
+    params = random_adept(MODEL.config, 1)
+    pol = Adept(Constant(0.5), params)
+    with on_backend("fast"):
+        assert adept_engine(MODEL, pol, params).exit_plan is not None
+        assert adept_engine(MODEL, pol, params, fill="lazy").exit_plan is None
+        assert adept_engine(MODEL, pol, params, kv_map=False, kv="propagate-loop").exit_plan is None
+        assert adept_engine(MODEL, pol, params, kv_map=False, kv="oracle").exit_plan is None
+        assert Engine(MODEL, Saturation(Constant(0.5))).exit_plan is None
+        assert Engine(MODEL, pol, exit_mapper=lambda k, h: h).exit_plan is None

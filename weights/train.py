@@ -93,6 +93,29 @@ def learning_rate(step: int, steps: int, lr: float, warmup: int, min_ratio: floa
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+# ----------------------------------------------------------------------------- model surgery
+
+def extend_positions(model, n_positions: int, seed: int):
+    """A copy of ``model`` with a context of ``n_positions``: rows past the trained ones start from
+    the last trained ``wpe`` row plus N(0, 0.01) noise, so a long window starts out looking "late"."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    old = model.config.n_positions
+    if n_positions <= old:
+        raise SystemExit(f"error: --extend-positions {n_positions} is not above the model's {old}")
+    config = model.config
+    config.n_positions = n_positions
+    state = model.state_dict()
+    wpe = state["transformer.wpe.weight"]
+    g = torch.Generator().manual_seed(seed)
+    extra = wpe[-1:].repeat(n_positions - old, 1) + 0.01 * torch.randn(n_positions - old, wpe.shape[1], generator=g)
+    state["transformer.wpe.weight"] = torch.cat([wpe, extra])
+    grown = GPT2LMHeadModel(config)
+    grown.load_state_dict(state)
+    return grown
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -125,11 +148,26 @@ def parse_args(argv=None):
                    help="weight W of the intermediate-layer loss (0 = plain last-layer training)")
     p.add_argument("--exit-layers-per-step", type=int, default=3,
                    help="intermediate layers sampled per step for the early-exit loss")
+    p.add_argument("--exit-min-layer", type=int, default=1,
+                   help="shallowest exit layer k the early-exit loss samples (1-based)")
+    p.add_argument("--exit-token-fraction", type=float, default=1.0,
+                   help="fraction of a step's positions each sampled exit layer is scored on "
+                        "(a random subset per layer; cuts the cost of the extra LM-head products)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="share a of the early-exit loss that is self-distillation: per layer "
+                        "(1-a) CE_k + a KL(p_final || p_k), p_final detached")
+    p.add_argument("--extend-positions", type=int, default=0,
+                   help="with --init: grow the context to N positions (new wpe rows start from "
+                        "the last trained row plus noise)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
     if not (math.isfinite(args.exit_loss_weight) and args.exit_loss_weight >= 0) or args.exit_layers_per_step < 1:
         p.error("--exit-loss-weight must be a finite number >= 0 and --exit-layers-per-step >= 1")
+    if not (0 < args.exit_token_fraction <= 1) or not (0 <= args.distill <= 1) or args.exit_min_layer < 1:
+        p.error("--exit-token-fraction must be in (0, 1], --distill in [0, 1], --exit-min-layer >= 1")
+    if args.extend_positions and args.init is None:
+        p.error("--extend-positions needs --init")
     if args.init is not None and not (Path(args.init) / "tokenizer.json").is_file():
         p.error(f"--init {args.init}: no tokenizer.json there")
     if args.init is not None and not (Path(args.init) / "model.safetensors").is_file():
@@ -193,6 +231,8 @@ def main(argv=None) -> int:
             model = GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --init {args.init}: cannot load the model ({type(e).__name__}: {e})") from None
+        if args.extend_positions:
+            model = extend_positions(model, args.extend_positions, args.seed)
         config = model.config
         T = config.n_positions
         if config.vocab_size != vocab_size:
@@ -212,7 +252,9 @@ def main(argv=None) -> int:
     W = args.exit_loss_weight
     if W > 0 and L < 2:
         raise SystemExit("error: --exit-loss-weight needs a model with at least 2 layers (it has 1)")
-    n_exit = args.exit_layers_per_step = min(args.exit_layers_per_step, L - 1)   # logged as used
+    if W > 0 and args.exit_min_layer >= L:
+        raise SystemExit(f"error: --exit-min-layer {args.exit_min_layer} leaves no intermediate layer of {L}")
+    n_exit = args.exit_layers_per_step = min(args.exit_layers_per_step, L - args.exit_min_layer)   # logged as used
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -250,6 +292,22 @@ def main(argv=None) -> int:
         """Logits of a token that exits with residual stream ``hidden`` (ln_f, tied lm_head)."""
         return model.lm_head(model.transformer.ln_f(hidden))
 
+    n_tok = B * T
+    n_sub = max(1, int(round(args.exit_token_fraction * n_tok)))
+
+    def exit_layer_loss(o, k: int, targets):
+        """(1-a) CE + a KL(p_final || p_k) of exiting after block k, on a random subset of positions."""
+        pos = torch.from_numpy(rng.choice(n_tok, size=n_sub, replace=False)) if n_sub < n_tok else slice(None)
+        h = o.hidden_states[k].reshape(n_tok, -1)[pos]
+        logits = exit_logits(h)
+        out = (1 - args.distill) * ce(logits, targets.reshape(-1)[pos]) if args.distill < 1 else 0.0
+        if args.distill > 0:
+            p_final = torch.log_softmax(o.logits.reshape(n_tok, -1)[pos].detach(), dim=-1)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), p_final,
+                                            log_target=True, reduction="batchmean")
+            out = out + args.distill * kl
+        return out
+
     def evaluate() -> list[float]:
         """Held-out loss (nats/token) of exiting after each block 1..n_layer; the last is the model's."""
         model.eval()
@@ -283,8 +341,8 @@ def main(argv=None) -> int:
         loss = ce(o.logits, xb[:, 1:])
         total = loss
         if W > 0:
-            ks = rng.choice(np.arange(1, L), size=n_exit, replace=False)
-            exit_loss = sum(ce(exit_logits(o.hidden_states[int(k)]), xb[:, 1:]) for k in ks) / n_exit
+            ks = rng.choice(np.arange(args.exit_min_layer, L), size=n_exit, replace=False)
+            exit_loss = sum(exit_layer_loss(o, int(k), xb[:, 1:]) for k in ks) / n_exit
             total = loss + W * exit_loss
         opt.zero_grad(set_to_none=True)
         total.backward()

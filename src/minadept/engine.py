@@ -135,6 +135,12 @@ class Engine:
         full-depth engine never pays for them."""
         return StackedKV(self.model, self.kv_maps)
 
+    @cached_property
+    def exit_plan(self):
+        """The compiled exits of the fused decode step (``fused.adept_exit_plan``), or None."""
+        from .fused import adept_exit_plan
+        return adept_exit_plan(self)
+
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions (default n_positions). Size it to what a run
         needs: first-touching a large fresh cache costs real time (measured 70 ms of a 190 ms
@@ -166,6 +172,8 @@ class Engine:
         if self.kv == "propagate" and not isinstance(self.policy, NoExit):
             for k in range(self.policy.min_exit_layer, self.config.n_layer):
                 self.stacked.weights(k)          # learned K/V maps are folded per exit layer
+            if backend.kernels() is not None:
+                _ = self.exit_plan
         self.forward([0], self.new_cache(1))
 
     # -- predictions ------------------------------------------------------------------------

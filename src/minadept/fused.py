@@ -7,24 +7,81 @@ Its own loop over the same step interface as the engine's layer loop: the same e
 (``Policy.decide`` on an ``ExitState``), the same propagation and lazy fill (``Engine._propagate``,
 ``Engine.fill_pending``) and the same accounting. ``tests/test_fused.py`` checks it against the
 NumPy layer loop.
+
+Under ADEPT's learned exits (``Adept`` policy, ``--kv propagate``, eager fill) the whole step is
+one compiled call instead, ``DecodePlan.step_adept`` with the engine's ``ExitPlan``
+(``adept_exit_plan``): the gate after every block, the propagation of an exiting token's K/V and
+the exit map run in C, so a Continue costs no Python between blocks.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from . import backend
 from .cache import KVCache
 from .exits.policies import ExitState
-from .flops import block_flops, full_forward_flops
+from .flops import block_flops, full_forward_flops, kv_layer_flops
 
 
 def decode_one(engine, token: int, cache: KVCache, step: int, plan):
     """``engine.forward([token], cache, step=step)`` through ``plan``; returns a ForwardResult."""
     from .engine import ForwardResult
+    checking = engine._checking(step)
+    ep = engine.exit_plan if checking else None
+    if ep is not None:
+        return _decode_compiled(engine, token, cache, step, plan, ep)
+    return _decode_loop(engine, token, cache, step, plan, checking)
+
+
+def _decode_compiled(engine, token: int, cache: KVCache, step: int, plan, ep):
+    """``decode_one`` as one ``DecodePlan.step_adept`` call (ADEPT, eager propagation)."""
+    from .engine import ForwardResult
+    cfg, L, p = engine.config, engine.config.n_layer, cache.length
+    tau = engine.policy.schedule(step)                 # < 1 here: the engine is checking
+    cut = math.log(tau / (1.0 - tau)) if tau > 0.0 else -math.inf
+    logits = np.empty((1, cfg.vocab_size), np.float32)
+    k = plan.step_adept(ep, token, p, cache.kv, engine.policy.min_exit_layer, cut, logits[0])
+    cache.length = p + 1
+    exit_layers = np.array([k])
+    prop_f = (L - k) * (kv_layer_flops(cfg) + engine.kv_map_flops)
+    return ForwardResult(logits=logits, exit_layers=exit_layers,
+                         block_flops=np.array([k * block_flops(cfg, p + 1)], dtype=np.int64),
+                         check_flops=engine._check_flops(exit_layers, True), head_flops=engine._head_cost(exit_layers),
+                         propagation_flops=int(prop_f), full_flops=full_forward_flops(cfg, 1, 1, start=p))
+
+
+def adept_exit_plan(engine):
+    """The ``ExitPlan`` of an engine whose exits the compiled step runs (an ``Adept`` policy,
+    ``--kv propagate``, eager fill, the exit map of an ``AdeptParams`` or none), built once with
+    the folded propagation weights of every exit layer from min_exit_layer; else None."""
+    from .exits.adept import AdeptParams
+    from .exits.policies import Adept
+    D, pol, cfg = backend._load_decode(), engine.policy, engine.config
+    if D is None or not isinstance(pol, Adept) or engine.kv != "propagate" or engine.fill != "eager":
+        return None
+    mapper = engine.exit_mapper
+    if mapper is None:
+        ew = eb = None
+    elif getattr(mapper, "__func__", None) is AdeptParams.exit_map:
+        ew, eb = mapper.__self__.exit_w, mapper.__self__.exit_b
+    else:
+        return None
+    L = cfg.n_layer
+    A, d = [None] * (L - 1), [None] * (L - 1)
+    for k in range(max(1, pol.min_exit_layer), L):
+        A[k - 1], d[k - 1] = engine.stacked.weights(k)
+    return D.ExitPlan(L, cfg.n_embd, pol.params.policy_w, pol.params.policy_b, ew, eb, A, d)
+
+
+def _decode_loop(engine, token: int, cache: KVCache, step: int, plan, checking: bool):
+    """``decode_one`` block by block, the policy decided in Python after each block."""
+    from .engine import ForwardResult
     cfg, L, p = engine.config, engine.config.n_layer, cache.length
     x, x_prev = np.empty(cfg.n_embd, np.float32), np.empty(cfg.n_embd, np.float32)
     h, h_prev = x.reshape(1, -1), x_prev.reshape(1, -1)                 # [1, C] views
     plan.embed(token, p, x)
-    checking = engine._checking(step)
     first = engine.policy.min_exit_layer if checking else L
     exit_layer, check_logits, prop_f = L, None, 0
     # no checks before block `first`: those blocks in one call (lazy fill must run before each)

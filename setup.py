@@ -30,8 +30,9 @@ def extensions():
     # never enables floating-point exceptions).
     native = (["-march=native"] if platform.machine().lower() in ("x86_64", "amd64")
               and sys.platform.startswith("linux") and not os.environ.get("MINADEPT_PORTABLE") else [])
+    # _fast/half.h: the half-precision conversions (F16C when the target CPU has it, else portable)
     exts = [Extension(f"minadept._{p.stem}", [str(p.relative_to(HERE))],
-                      include_dirs=[numpy.get_include()],
+                      include_dirs=[numpy.get_include(), "_fast"], depends=["_fast/common.pxi", "_fast/half.h"],
                       extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math"] + native, extra_link_args=["-fopenmp"],
                       define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
             for p in pyx]

@@ -7,6 +7,9 @@ Python between them; split over OpenMP threads for large models), the K/V write,
 the cache and GELU. Twin of the NumPy layer loop, property-tested in tests/test_fused.py. The row
 primitives (``ln_row``, ``exp_approx``, ``gelu1``, ``attend_one``) live in ``common.pxi``, shared
 with the array kernels (``kernels.pyx``). float32 in and out; reductions accumulate in double.
+A model loaded with a half-precision dtype (float16, bfloat16) gives the plan its four block
+matrices and LM head as bit patterns: their products run the half-precision GEMV of
+``common.pxi`` (``hgemv_par``: converted in registers, summed in float32; tests/test_dtype.py).
 Bounds/wraparound checks are off unless the package was built with MINADEPT_BOUNDSCHECK=1.
 """
 import threading
@@ -78,15 +81,15 @@ cdef inline float reduce_parts(const float* parts, int nt, int N, int j) noexcep
 cdef struct BlockW:
     const float* ln_1_g
     const float* ln_1_b
-    const float* c_attn_w
+    const void* c_attn_w              # the four matrices: float32, or half-precision bit patterns
     const float* c_attn_b
-    const float* attn_c_proj_w
+    const void* attn_c_proj_w
     const float* attn_c_proj_b
     const float* ln_2_g
     const float* ln_2_b
-    const float* c_fc_w
+    const void* c_fc_w
     const float* c_fc_b
-    const float* mlp_c_proj_w
+    const void* mlp_c_proj_w
     const float* mlp_c_proj_b
 
 
@@ -100,16 +103,40 @@ cdef const float* _ptr(list keep, arr, tuple shape, str name) except NULL:
     return &m[0]
 
 
+#: weight type names -> codes (``W_F32``, ``W_F16``, ``W_BF16`` of common.pxi)
+WEIGHT_KINDS = {"float32": W_F32, "float16": W_F16, "bfloat16": W_BF16}
+#: The float16 conversion compiled in ("f16c" or "scalar"; see half.h).
+HALF_CONVERSION = MINADEPT_HALF_CONVERSION.decode()
+
+
+cdef const void* _wptr(list keep, arr, tuple shape, str name, int kind) except NULL:
+    """Pointer to a weight matrix: float32 (as ``_ptr``), or for a half-precision ``kind`` the
+    array itself, which must be uint16 bit patterns, C-contiguous, of exactly ``shape``: it is
+    read in place, never converted or copied (a half model keeps no float32 copy)."""
+    if kind == W_F32:
+        return _ptr(keep, arr, shape, name)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint16 or not arr.flags.c_contiguous \
+            or arr.shape != shape:
+        raise ValueError(f"DecodePlan: {name} must be C-contiguous uint16 bit patterns of shape {shape}, "
+                         f"got {type(arr).__name__} {getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}")
+    keep.append(arr)
+    cdef const uint16_t[::1] m = arr.reshape(-1)
+    return &m[0]
+
+
 cdef class DecodePlan:
     """The fused single-token decode step of one GPT-2 (twin of ``model.qkv`` + ``model.write_kv``
     + ``model.block_rest`` for T = 1, and of ``final_norm`` + ``lm_head``; see
-    ``minadept/fused.py``). Holds pointers to the model's float32 weights and per-step scratch;
-    every matrix-vector product is one BLAS ``sgemv``, everything else is C, so a block costs one
-    Python call. The plan's scratch (and ``q``/``k``/``v``) is shared by all its calls, and the
+    ``minadept/fused.py``). Holds pointers to the model's weights and per-step scratch; every
+    matrix-vector product is one BLAS ``sgemv`` (or, for half-precision weights, one ``hgemv_par``),
+    everything else is C, so a block costs one Python call. The plan's scratch (and ``q``/``k``/``v``) is shared by all its calls, and the
     threaded loops release the GIL: threads sharing a plan must hold ``lock`` for a whole step
     (``Engine`` does).
 
     blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
+    wdtype: "float32", or "float16" / "bfloat16": the four block matrices and lm_head_t are then
+    uint16 bit patterns of that type, read in place; their products convert in registers and
+    accumulate in float32 (``hgemv_par``). Everything else is float32 in every case.
     split_min: products with at least this many weights are split over the OpenMP threads;
     attn_split_min: attention is split by heads over them from this many H * keys * D values.
     """
@@ -122,7 +149,8 @@ cdef class DecodePlan:
     cdef const float* wpe
     cdef const float* ln_f_g
     cdef const float* ln_f_b
-    cdef const float* lm_head_t
+    cdef const void* lm_head_t
+    cdef readonly int wkind                # W_F32, W_F16 or W_BF16: the matrices' type
     cdef list keep
     cdef readonly object qkv, q, k, v      # [3C] buffer of the last block run; q/k/v [H, 1, D] views
     cdef readonly object lock              # hold it for a whole step when threads share the plan
@@ -135,8 +163,8 @@ cdef class DecodePlan:
     cdef double* acc_p
 
     def __cinit__(self, list blocks, wte, wpe, ln_f_g, ln_f_b, lm_head_t, int n_head, double eps,
-                  long split_min=1 << 21, long attn_split_min=1 << 16):
-        cdef int L = len(blocks), l
+                  long split_min=1 << 21, long attn_split_min=1 << 16, str wdtype="float32"):
+        cdef int L = len(blocks), l, kind
         V, C = wte.shape
         if L == 0 or C % n_head:
             raise ValueError("DecodePlan: need n_layer >= 1 and n_embd divisible by n_head")
@@ -147,12 +175,15 @@ cdef class DecodePlan:
         self.n_threads = max(1, openmp.omp_get_num_procs(), openmp.omp_get_max_threads())
         self.keep = []
         self.lock = threading.Lock()
+        if wdtype not in WEIGHT_KINDS:
+            raise ValueError(f"DecodePlan: wdtype must be one of {', '.join(WEIGHT_KINDS)}, got {wdtype!r}")
+        self.wkind = kind = WEIGHT_KINDS[wdtype]
         F = 4 * C
         self.wte = _ptr(self.keep, wte, (V, C), "wte")
         self.wpe = _ptr(self.keep, wpe, (self.n_positions, C), "wpe")
         self.ln_f_g = _ptr(self.keep, ln_f_g, (C,), "ln_f.weight")
         self.ln_f_b = _ptr(self.keep, ln_f_b, (C,), "ln_f.bias")
-        self.lm_head_t = _ptr(self.keep, lm_head_t, (C, V), "lm_head (transposed)")
+        self.lm_head_t = _wptr(self.keep, lm_head_t, (C, V), "lm_head (transposed)", kind)
         self.blocks = <BlockW*>malloc(L * sizeof(BlockW))
         if self.blocks == NULL:
             raise MemoryError()
@@ -163,15 +194,15 @@ cdef class DecodePlan:
                 raise ValueError("DecodePlan: a block needs 12 arrays")
             self.blocks[l].ln_1_g = _ptr(self.keep, b[0], shapes[0], f"h.{l}.ln_1.weight")
             self.blocks[l].ln_1_b = _ptr(self.keep, b[1], shapes[1], f"h.{l}.ln_1.bias")
-            self.blocks[l].c_attn_w = _ptr(self.keep, b[2], shapes[2], f"h.{l}.attn.c_attn.weight")
+            self.blocks[l].c_attn_w = _wptr(self.keep, b[2], shapes[2], f"h.{l}.attn.c_attn.weight", kind)
             self.blocks[l].c_attn_b = _ptr(self.keep, b[3], shapes[3], f"h.{l}.attn.c_attn.bias")
-            self.blocks[l].attn_c_proj_w = _ptr(self.keep, b[4], shapes[4], f"h.{l}.attn.c_proj.weight")
+            self.blocks[l].attn_c_proj_w = _wptr(self.keep, b[4], shapes[4], f"h.{l}.attn.c_proj.weight", kind)
             self.blocks[l].attn_c_proj_b = _ptr(self.keep, b[5], shapes[5], f"h.{l}.attn.c_proj.bias")
             self.blocks[l].ln_2_g = _ptr(self.keep, b[6], shapes[6], f"h.{l}.ln_2.weight")
             self.blocks[l].ln_2_b = _ptr(self.keep, b[7], shapes[7], f"h.{l}.ln_2.bias")
-            self.blocks[l].c_fc_w = _ptr(self.keep, b[8], shapes[8], f"h.{l}.mlp.c_fc.weight")
+            self.blocks[l].c_fc_w = _wptr(self.keep, b[8], shapes[8], f"h.{l}.mlp.c_fc.weight", kind)
             self.blocks[l].c_fc_b = _ptr(self.keep, b[9], shapes[9], f"h.{l}.mlp.c_fc.bias")
-            self.blocks[l].mlp_c_proj_w = _ptr(self.keep, b[10], shapes[10], f"h.{l}.mlp.c_proj.weight")
+            self.blocks[l].mlp_c_proj_w = _wptr(self.keep, b[10], shapes[10], f"h.{l}.mlp.c_proj.weight", kind)
             self.blocks[l].mlp_c_proj_b = _ptr(self.keep, b[11], shapes[11], f"h.{l}.mlp.c_proj.bias")
         H, D = n_head, C // n_head
         self.qkv = np.zeros(3 * C, dtype=np.float32)
@@ -205,7 +236,7 @@ cdef class DecodePlan:
         cdef int nt, tid
         ln_row(x, bw.ln_1_g, bw.ln_1_b, self.a_p, C, self.eps)
         memcpy(self.qkv_p, bw.c_attn_b, 3 * C * sizeof(float))
-        self._gemv(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0)
+        self._wgemv(bw.c_attn_w, <int>C, <int>(3 * C), self.a_p, self.qkv_p, 1.0)
         nt = openmp.omp_get_max_threads()
         if nt > self.n_threads:
             nt = self.n_threads
@@ -221,20 +252,30 @@ cdef class DecodePlan:
                        self.w_p + tid * self.n_positions, self.acc_p + tid * D, self.o_p + h * D)
         for j in range(C):
             x[j] += bw.attn_c_proj_b[j]
-        self._gemv(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0)       # x += o @ c_proj
+        self._wgemv(bw.attn_c_proj_w, <int>C, <int>C, self.o_p, x, 1.0)      # x += o @ c_proj
         ln_row(x, bw.ln_2_g, bw.ln_2_b, self.a_p, C, self.eps)
         memcpy(self.f_p, bw.c_fc_b, F * sizeof(float))
-        self._gemv(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0)
+        self._wgemv(bw.c_fc_w, <int>C, <int>F, self.a_p, self.f_p, 1.0)
         for j in range(F):
             self.f_p[j] = gelu1(self.f_p[j])
         for j in range(C):
             x[j] += bw.mlp_c_proj_b[j]
-        self._gemv(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0)        # x += gelu(..) @ c_proj
+        self._wgemv(bw.mlp_c_proj_w, <int>F, <int>C, self.f_p, x, 1.0)       # x += gelu(..) @ c_proj
 
     cdef inline void _gemv(self, const float* W, int K, int N, const float* x, float* y,
                            float beta) noexcept nogil:
         """y = x @ W + beta * y with this plan's split threshold, threads and partial sums."""
         gemv_par(W, K, N, x, y, beta, self.split_min, self.n_threads, self.parts_p)
+
+    cdef inline void _wgemv(self, const void* W, int K, int N, const float* x, float* y,
+                            float beta) noexcept nogil:
+        """``_gemv`` for one of the model's weight matrices, in the plan's weight type: BLAS for
+        float32, the half-precision kernel (``hgemv_par``) for float16 / bfloat16."""
+        if self.wkind == W_F32:
+            gemv_par(<const float*>W, K, N, x, y, beta, self.split_min, self.n_threads, self.parts_p)
+        else:
+            hgemv_par(<const uint16_t*>W, self.wkind, K, N, x, y, beta, self.split_min,
+                      min(openmp.omp_get_max_threads(), self.n_threads))
 
     cdef float* _layer_cache(self, float[:, :, :, :, ::1] kv, int l, Py_ssize_t pos) except NULL:
         if kv.shape[0] != self.n_layer or kv.shape[1] != 2 or kv.shape[2] != self.n_head \
@@ -280,7 +321,7 @@ cdef class DecodePlan:
 
     cdef void _head(self, const float* x, float* logits) noexcept nogil:
         ln_row(x, self.ln_f_g, self.ln_f_b, self.a_p, self.n_embd, self.eps)
-        self._gemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, logits, 0.0)
+        self._wgemv(self.lm_head_t, self.n_embd, self.vocab_size, self.a_p, logits, 0.0)
 
     def step_adept(self, ExitPlan ep, Py_ssize_t token, Py_ssize_t pos, float[:, :, :, :, ::1] kv,
                    int first, double cut, float[::1] logits):

@@ -203,3 +203,88 @@ def adept_logit(cmat h, cmat h_prev, const float[::1] w, double b, double eps):
             out[i] = adept_logit_row(&h[i, 0], &h_prev[i, 0], C, &w[0], b, eps)
     return out_arr
 
+
+
+# ----------------------------------------------------------------------------- half-precision weights
+
+#: The float16 conversion compiled in: "f16c" (the hardware instruction, when the compiler targets
+#: a CPU that has it) or "scalar" (the portable integer conversion). bfloat16 is always a shift.
+HALF_CONVERSION = MINADEPT_HALF_CONVERSION.decode()
+#: Weight codes of the half-precision kernels (``halfprec.KINDS``).
+KIND_FLOAT16, KIND_BFLOAT16 = W_F16, W_BF16
+#: ``half_matmul`` takes at most this many rows.
+HALF_MAX_ROWS = HMAX_ROWS
+
+
+cdef int _kind(int kind) except -1:
+    if kind != W_F16 and kind != W_BF16:
+        raise ValueError(f"half kernels: kind must be {W_F16} (float16) or {W_BF16} (bfloat16), got {kind}")
+    return kind
+
+
+def half_gemv(const uint16_t[:, ::1] W, int kind, const float[::1] x, float[::1] y, float beta=0.0,
+              int threads=1, long split_min=0):
+    """In place: y [N] = x [K] @ W [K, N] + beta * y, W half-precision bit patterns (uint16,
+    row-major [in, out]; ``kind`` 1 float16, 2 bfloat16), converted in registers, products and
+    sums in float32 (the fused decode step's product). ``threads`` > 1 splits the columns over
+    that many OpenMP threads (whatever OMP_NUM_THREADS says) when W has at least ``split_min``
+    weights. Twin: ``x @ W.astype(float64)``."""
+    cdef Py_ssize_t K = W.shape[0], N = W.shape[1], j
+    _kind(kind)
+    if x.shape[0] != K or y.shape[0] != N:
+        raise ValueError(f"half_gemv: W is [{K}, {N}], x has {x.shape[0]} values, y {y.shape[0]}")
+    if K == 0 or N == 0:
+        if N and beta == 0.0:
+            y[:] = 0.0
+        elif N:
+            for j in range(N):
+                y[j] = beta * y[j]
+        return
+    with nogil:
+        hgemv_par(&W[0, 0], kind, <int>K, <int>N, &x[0], &y[0], beta, split_min, max(1, threads))
+
+
+def half_matmul(const float[:, ::1] X, const uint16_t[:, ::1] W, int kind, int threads=0,
+                long split_min=1 << 19):
+    """X [R, K] float32 @ W [K, N] half-precision bit patterns -> new [R, N] float32, for
+    R <= HALF_MAX_ROWS, sums in float32 as ``half_gemv``'s: W is read from memory once for all
+    rows (a short prefill, and a prompt's LM head, without an upcast copy of W). The columns are
+    split over ``threads`` OpenMP threads (0: as many as OpenMP may use now) when W has at least
+    ``split_min`` weights."""
+    cdef Py_ssize_t R = X.shape[0], K = W.shape[0], N = W.shape[1]
+    _kind(kind)
+    if X.shape[1] != K or R > HMAX_ROWS:
+        raise ValueError(f"half_matmul: X is [{R}, {X.shape[1]}] (at most {HMAX_ROWS} rows), W [{K}, {N}]")
+    out_arr = np.zeros((R, N), dtype=np.float32)
+    if R == 0 or K == 0 or N == 0:
+        return out_arr
+    cdef float[:, ::1] out = out_arr
+    cdef int nt = threads if threads > 0 else openmp.omp_get_max_threads()
+    with nogil:
+        hgemm_par(&W[0, 0], kind, K, N, &X[0, 0], R, &out[0, 0], split_min, nt)
+    return out_arr
+
+
+def half_to_float32(bits_arr, int kind):
+    """Half-precision bit patterns (uint16, any shape, C-contiguous) -> new float32 array of the
+    same shape, exactly (the compiled-in float16 conversion, or the bfloat16 shift)."""
+    _kind(kind)
+    cdef const uint16_t[::1] bits = bits_arr.reshape(-1)
+    out_arr = np.empty(bits_arr.shape, dtype=np.float32)
+    cdef float[::1] out = out_arr.reshape(-1)
+    cdef Py_ssize_t n = bits.shape[0]
+    if n:
+        with nogil:
+            mdt_half_run(&bits[0], &out[0], n, kind)
+    return out_arr
+
+
+def f16_to_float32_portable(const uint16_t[::1] bits):
+    """float16 bit patterns [n] -> new float32 [n] through the portable conversion (the path of a
+    build without F16C), whatever this build uses."""
+    out_arr = np.empty(bits.shape[0], dtype=np.float32)
+    cdef float[::1] out = out_arr
+    if bits.shape[0]:
+        with nogil:
+            mdt_f16_run_portable(&bits[0], &out[0], bits.shape[0])
+    return out_arr

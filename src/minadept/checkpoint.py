@@ -4,6 +4,9 @@ Handles the variations real HF checkpoints show: keys with or without the ``tran
 ``attn.bias`` / ``attn.masked_bias`` buffers present or not, ``lm_head.weight`` present or tied to
 ``wte``, fp32 / fp16 tensors (bf16 converted exactly), and sharded files
 (``model.safetensors.index.json``). Every tensor's shape is checked against the config.
+
+Weights are float32, unless loaded with a half-precision ``dtype`` (``halfprec``): then the four
+matrices of each block and the LM head are rounded to it (``HalfMatrix`` when kept so).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import halfprec
 from .config import GPT2Config
 from .errors import MinadeptError
 
@@ -26,7 +30,8 @@ _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
 
 @dataclass(frozen=True)
 class Block:
-    """Weights of one transformer block ``h.<i>`` (Conv1D weights ``[in, out]``)."""
+    """Weights of one transformer block ``h.<i>`` (Conv1D weights ``[in, out]``), float32; the four
+    matrices are ``halfprec.HalfMatrix`` in a model kept in half precision."""
     ln_1_g: np.ndarray            # [C]
     ln_1_b: np.ndarray            # [C]
     c_attn_w: np.ndarray          # [C, 3C]  (q | k | v columns)
@@ -43,7 +48,9 @@ class Block:
 
 @dataclass(frozen=True)
 class Params:
-    """All GPT-2 weights, float32 C-contiguous. ``lm_head`` is ``wte`` itself when tied."""
+    """All GPT-2 weights, float32 C-contiguous. ``lm_head`` is ``wte`` itself when tied (a model in
+    half precision rounds its copy, ``Model.lm_head_t``); an untied ``lm_head`` and the blocks'
+    matrices may be ``halfprec.HalfMatrix`` (see ``load_params``)."""
     wte: np.ndarray               # [V, C]
     wpe: np.ndarray               # [n_positions, C]
     h: tuple                      # n_layer x Block
@@ -214,29 +221,44 @@ def _as_float32(name: str, t: np.ndarray) -> np.ndarray:
     raise MinadeptError(f"weights: tensor {name} has dtype {t.dtype}, expected float32, float16 or bfloat16")
 
 
-def _take(tensors: dict, name: str, shape: tuple) -> np.ndarray:
+def _take(tensors: dict, name: str, shape: tuple, half: tuple | None = None, transposed: bool = False):
+    """Tensor ``name`` checked (present, ``shape``, finite) as float32, or with ``half`` =
+    (dtype, keep) rounded to that half-precision type (``halfprec.weight``, ``transposed``
+    storage). Raises MinadeptError naming the tensor."""
     if name not in tensors:
         raise MinadeptError(f"weights: missing tensor {name} (expected shape {list(shape)})")
     t = tensors[name]
     if tuple(t.shape) != tuple(shape):
         raise MinadeptError(f"weights: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    if half is not None:
+        t = _widen_bf16(t)
+        if t.dtype.kind != "f":
+            _as_float32(name, t)                        # raises: not a float tensor
+        src = t if t.dtype in (np.float16, np.float32) else t.astype(np.float32)
+        return halfprec.weight(name, src, half[0], half[1], transposed)
     t = _as_float32(name, t)
     if not np.isfinite(t).all():
         raise MinadeptError(f"weights: tensor {name} has NaN or infinite values")
     return t
 
 
-def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config) -> Params:
-    """Check every tensor against ``config`` and assemble float32 Params.
+def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config, dtype: str = "float32",
+                        keep_half: bool = False) -> Params:
+    """Check every tensor against ``config`` and assemble Params: float32, except with a
+    half-precision ``dtype`` the blocks' four matrices and an untied LM head, rounded to it and
+    kept as ``HalfMatrix`` when ``keep_half`` (else upcast again; ``halfprec``).
 
-    Raises MinadeptError naming the tensor, the expected and the found shape.
+    Raises MinadeptError naming the tensor: expected and found shape, NaN or infinite values,
+    values beyond the half-precision type's range.
     """
     C, V = config.n_embd, config.vocab_size
+    half = None if halfprec.check_dtype(dtype) == "float32" else (dtype, keep_half)
     wte = _take(tensors, "wte.weight", (V, C))
     wpe = _take(tensors, "wpe.weight", (config.n_positions, C))
     blocks = []
     for i in range(config.n_layer):
-        fields = {field: _take(tensors, f"h.{i}.{suffix}", shape(C))
+        fields = {field: _take(tensors, f"h.{i}.{suffix}", shape(C),
+                               half if field in halfprec.MATRIX_FIELDS else None)
                   for suffix, (field, shape) in _BLOCK_TENSORS.items()}
         blocks.append(Block(**fields))
     def outside(key):                                   # h.<i>.* with i not a block index
@@ -245,20 +267,44 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config) -> P
     extra = sorted(k for k in tensors if k.startswith("h.") and outside(k))
     if extra:
         raise MinadeptError(f"weights: tensor {extra[0]} is not in a block h.0 .. h.{config.n_layer - 1} (n_layer={config.n_layer})")
-    if "lm_head.weight" in tensors and not config.tie_word_embeddings:
-        lm_head = _take(tensors, "lm_head.weight", (V, C))
-    elif "lm_head.weight" in tensors:
-        lm_head = _take(tensors, "lm_head.weight", (V, C))
-        lm_head = wte if np.array_equal(lm_head, wte) else lm_head
-    elif config.tie_word_embeddings:
-        lm_head = wte
-    else:
-        raise MinadeptError(f"weights: missing tensor lm_head.weight (expected shape {[V, C]})")
     return Params(wte=wte, wpe=wpe, h=tuple(blocks),
                   ln_f_g=_take(tensors, "ln_f.weight", (C,)), ln_f_b=_take(tensors, "ln_f.bias", (C,)),
-                  lm_head=lm_head)
+                  lm_head=_lm_head(tensors, config, wte, half))
 
 
-def load_params(model_dir: Path, config: GPT2Config) -> Params:
-    """Read and check the safetensors weights of ``model_dir`` (see module docstring)."""
-    return params_from_tensors(read_tensors(model_dir), config)
+def _lm_head(tensors: dict, config: GPT2Config, wte: np.ndarray, half: tuple | None):
+    """``lm_head.weight`` [V, C], or ``wte`` itself when tied (not stored, or stored equal to it);
+    with ``half`` an untied head is rounded like the blocks' matrices, stored transposed."""
+    V, C = config.vocab_size, config.n_embd
+    if "lm_head.weight" not in tensors:
+        if config.tie_word_embeddings:
+            return wte
+        raise MinadeptError(f"weights: missing tensor lm_head.weight (expected shape {[V, C]})")
+    head = None
+    if config.tie_word_embeddings:
+        head = _take(tensors, "lm_head.weight", (V, C))
+        if np.array_equal(head, wte):
+            return wte
+    if half is None:
+        return head if head is not None else _take(tensors, "lm_head.weight", (V, C))
+    return _take(tensors, "lm_head.weight", (V, C), half, transposed=True)
+
+
+def round_params(params: Params, dtype: str, keep_half: bool) -> Params:
+    """float32 ``params`` with the blocks' four matrices and an untied LM head rounded to the
+    half-precision ``dtype`` as ``load_params`` does (a tied head stays ``wte``: ``Model`` rounds
+    its copy). Raises MinadeptError naming a tensor beyond the type's range."""
+    from dataclasses import replace
+    half = {field: suffix for suffix, (field, _) in _BLOCK_TENSORS.items() if field in halfprec.MATRIX_FIELDS}
+    blocks = tuple(replace(b, **{f: halfprec.weight(f"h.{i}.{suffix}", np.asarray(getattr(b, f)), dtype, keep_half)
+                                 for f, suffix in half.items()}) for i, b in enumerate(params.h))
+    head = params.lm_head
+    if head is not params.wte:
+        head = halfprec.weight("lm_head.weight", np.asarray(head), dtype, keep_half, transposed=True)
+    return replace(params, h=blocks, lm_head=head)
+
+
+def load_params(model_dir: Path, config: GPT2Config, dtype: str = "float32", keep_half: bool = False) -> Params:
+    """Read and check the safetensors weights of ``model_dir`` (see module docstring and
+    ``params_from_tensors`` for ``dtype`` and ``keep_half``)."""
+    return params_from_tensors(read_tensors(model_dir), config, dtype, keep_half)

@@ -40,9 +40,17 @@ def _seed(text: str) -> int:
     return n
 
 
+def _add_dtype(p):
+    from .halfprec import DTYPES
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights: float32 (default), or float16 / bfloat16: the blocks' matrices and the LM head "
+                        "rounded to it and held so on the fast backend (computed in float32 on the NumPy backend)")
+
+
 def _add_model(p):
     p.add_argument("--model", default=None,
                    help="model directory or Hugging Face id (default: the embedded minigpt2-stories)")
+    _add_dtype(p)
     p.add_argument("--threads", type=int, default=None,
                    help="BLAS/OpenMP threads (default: 1 for models up to 64 MB of weights, all cores above)")
 
@@ -136,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="version, default model, BLAS, backend")
     i.add_argument("--model", default=None)
+    _add_dtype(i)
 
     t = sub.add_parser("probe-train", help="fit a linear probe per layer on a text<TAB>label file (classify)")
     t.add_argument("--data", required=True, help="UTF-8 TSV with the header text<TAB>label")
@@ -236,7 +245,7 @@ def cmd_generate(args) -> int:
         raise MinadeptError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     _settings(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     threads = set_threads(args, model)
     engine = _engine(args, model)
     tok = model.tokenizer
@@ -342,6 +351,7 @@ def _summary(args, engine, state, t, sampling):
     if state.prompt_result is not None:
         s["prompt_exit_layers"] = [int(x) for x in state.prompt_result.exit_layers]
     s.update(engine.settings(), **sampling)
+    s.update(engine.model.dtype_info())
     if "full_depth" in t:
         s.update(_comparison(s, t["full_depth"]))
     if args.json:
@@ -356,6 +366,8 @@ def _summary(args, engine, state, t, sampling):
         line += f", mean exit layer {s['mean_exit_layer']:.2f}, compute {s['compute_fraction']:.3f} of full depth"
     if state.stop_reason in ("eot", "interrupted"):
         line += f"; {_STOPS[state.stop_reason]}"
+    if engine.model.dtype != "float32":
+        line += f"; {engine.model.describe_dtype()}"
     print(line, file=sys.stderr)
     if "full_depth" in t:
         x = lambda v: "n/a" if v is None else f"{v:.2f}x"
@@ -369,7 +381,7 @@ def _summary(args, engine, state, t, sampling):
 def cmd_info(args) -> int:
     from threadpoolctl import threadpool_info
 
-    from . import __version__, backend
+    from . import __version__, backend, halfprec
     from .checkpoint import default_model_dir
     print(f"minadept {__version__}")
     d = default_model_dir()
@@ -379,6 +391,8 @@ def cmd_info(args) -> int:
             print(f"blas: {pool.get('internal_api')} {pool.get('version')} ({pool.get('filepath')}), "
                   f"threads {pool.get('num_threads')}")
     print(f"backend: {backend.active()}")
+    print(f"half precision: float16 conversion {backend.half_conversion()}, bfloat16 by a 16-bit shift; "
+          f"--dtype {args.dtype}: {halfprec.describe(args.dtype, backend.kernels() is not None)}")
     print(f"threads: generate/eval/dump/calibrate default to 1 for models up to "
           f"{backend.SMALL_MODEL_BYTES >> 20} MB of weights, {backend.available_cores()} (all cores) above; "
           f"--threads N sets them")
@@ -392,7 +406,7 @@ def cmd_dump(args) -> int:
     check_writable(args.out, "--out")
     if args.engine == "transformers":
         return _dump_transformers(args)
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     set_threads(args, model)
     engine = _engine(args, model)
     write_dump(engine, args.prompt, args.out)
@@ -404,10 +418,11 @@ def _dump_transformers(args) -> int:
     """``dump --engine transformers``: full depth, so any early-exit flag is an error."""
     from .dump_hf import write_dump_transformers
     defaults = dict(exit="none", threshold=None, exit_layer=None, min_exit_layer=None, schedule="constant",
-                    kv="propagate", kv_fill="eager", adept=None, exit_map=None, kv_map=None)
+                    kv="propagate", kv_fill="eager", adept=None, exit_map=None, kv_map=None, dtype="float32")
     for flag, default in defaults.items():
         if getattr(args, flag) != default:
-            raise MinadeptError(f"--{flag.replace('_', '-')} has no effect with --engine transformers (it runs full depth)")
+            why = "it runs transformers in float32" if flag == "dtype" else "it runs full depth"
+            raise MinadeptError(f"--{flag.replace('_', '-')} has no effect with --engine transformers ({why})")
     write_dump_transformers(args.model, args.prompt, args.out, threads=args.threads)
     print(f"wrote {args.out} (transformers, full depth)", file=sys.stderr)
     return 0
@@ -434,7 +449,7 @@ def cmd_eval(args) -> int:
         raise MinadeptError("--plot needs --sweep")
     if args.plot:
         check_plot_output(args.plot)
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     set_threads(args, model)
     data, n_bytes = _eval_data(args, model)
     return (_eval_sweep if args.sweep else _eval_one)(args, settings, model, data, n_bytes)
@@ -478,9 +493,12 @@ def _eval_one(args, settings, model, ids, n_bytes) -> int:
         res.update(bytes=n_bytes, bits_per_byte=bits_per_byte(res, n_bytes),
                    full_depth_bits_per_byte=bits_per_byte(base, n_bytes))
     res.update(engine.settings())
+    res.update(model.dtype_info())
     if args.json:
         print(json.dumps(res))
         return 0
+    if model.dtype != "float32":
+        print(model.describe_dtype())
     n = res["tokens"]
     print(f"perplexity {res['ppl']:.3f} over {n} token{'' if n == 1 else 's'} (nll {res['nll']:.4f} nats/token)")
     if n_bytes is not None:
@@ -543,7 +561,7 @@ def cmd_calibrate(args) -> int:
     from .model import Model
     if args.kv_rank < 1:
         raise MinadeptError(f"--kv-rank must be >= 1, got {args.kv_rank}")
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     set_threads(args, model)
     check_settings(model.config, cost_weight=args.cost_weight, max_tokens=args.max_tokens,
                    target_ppl_increase=args.target_ppl_increase, kv_rank=args.kv_rank)
@@ -694,7 +712,7 @@ def cmd_probe_train(args) -> int:
             raise MinadeptError(f"--max-examples must be >= 10, got {args.max_examples}")
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(texts))[:args.max_examples])
         texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     set_threads(args, model)
     engine = build_engine(model, settings)
     engine.prepare()
@@ -742,7 +760,7 @@ def cmd_classify(args) -> int:
         for t in texts:
             if not t.strip():
                 raise MinadeptError("empty text: nothing to classify")
-    model = Model.load(args.model)
+    model = Model.load(args.model, dtype=args.dtype)
     if args.probes is None:
         if model.path is None or not (model.path / DEFAULT_PROBES / PROBE_FILE).exists():
             raise MinadeptError("no --probes given and the model ships none (train some with minadept probe-train)")

@@ -154,11 +154,14 @@ class Engine:
         return KVCache(self.config, n)
 
     def settings(self) -> dict:
-        """The exit policy and KV settings, as JSON summaries and dumps report them."""
+        """The exit policy and KV settings, as JSON summaries and dumps report them; ``dtype``
+        when the model's weights are half precision (absent: float32)."""
         s = dict(self.policy.settings(), kv=self.kv, kv_fill=self.fill)
         if s.get("exit") == "adept":
             s.update(exit_map="learned" if self.exit_mapper is not None else "identity",
                      kv_map="learned" if self.kv_maps is not None else "identity")
+        if self.model.dtype != "float32":
+            s["dtype"] = self.model.dtype
         return s
 
     def prepare(self) -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from . import backend, halfprec
 from . import reference as R
 from .checkpoint import Block, Params, load_params, resolve_model
 from .config import GPT2Config
+from .errors import MinadeptError
 from .tokenizer import Tokenizer
 
 
@@ -20,17 +21,25 @@ DECODE_SPLIT_MODEL_BYTES = backend.SMALL_MODEL_BYTES
 
 @dataclass
 class Model:
-    """A GPT-2 ready to run: ``config``, ``params`` (float32), ``tokenizer`` and where it came from."""
+    """A GPT-2 ready to run: ``config``, ``params`` (float32, or with half-precision matrices),
+    ``tokenizer``, where it came from and ``dtype``, the type its matrices were rounded to
+    ("float32": none; see ``halfprec``)."""
     config: GPT2Config
     params: Params
     tokenizer: Tokenizer | None = None
     path: Path | None = None
+    dtype: str = "float32"
 
     @classmethod
-    def load(cls, source=None, *, tokenizer: bool = True) -> "Model":
+    def load(cls, source=None, *, tokenizer: bool = True, dtype: str = "float32") -> "Model":
         """Load from a directory, a Hugging Face id, or (None) the embedded default model.
 
-        Raises MinadeptError for a missing directory, missing/corrupt files or shape mismatches.
+        ``dtype`` "float16" or "bfloat16" rounds the blocks' four matrices and the LM head to
+        that type, kept so in memory on the fast backend (no float32 copy of them), upcast once on
+        the NumPy backend (``halfprec``); everything else stays float32.
+
+        Raises MinadeptError for a missing directory, missing/corrupt files, shape mismatches, an
+        unknown dtype or weights beyond its range (naming the tensor).
         """
         import os
 
@@ -40,11 +49,15 @@ class Model:
                                 f"or None for the embedded model, got {type(source).__name__} {source!r}")
         if not isinstance(tokenizer, (bool, np.bool_)):
             raise MinadeptError(f"tokenizer must be a bool, got {type(tokenizer).__name__} {tokenizer!r}")
+        halfprec.check_dtype(dtype)
         path = resolve_model(source)
         config = GPT2Config.from_json(path / "config.json")
         tok = Tokenizer.from_dir(path) if tokenizer else None
-        params = load_params(path, config)
-        return cls(config=config, params=params, tokenizer=tok, path=path)
+        params = load_params(path, config, dtype, keep_half=backend.kernels() is not None)
+        model = cls(config=config, params=params, tokenizer=tok, path=path, dtype=dtype)
+        if dtype != "float32":
+            _ = model.lm_head_t                 # the rounded LM head, checked now (not at the first token)
+        return model
 
     @property
     def n_params(self) -> int:
@@ -54,11 +67,49 @@ class Model:
         n += sum(a.size for b in p.h for a in vars(b).values())
         return int(n + (0 if p.lm_head is p.wte else p.lm_head.size))
 
+    def with_dtype(self, dtype: str, keep_half: bool | None = None) -> "Model":
+        """A copy of this float32 model with its matrices rounded to ``dtype`` as ``load`` does:
+        held in half precision when ``keep_half`` (default: on the fast backend), else upcast
+        again (the NumPy backend's form). Raises MinadeptError for a model already rounded or a
+        weight beyond the type's range."""
+        from .checkpoint import round_params
+        if self.dtype != "float32":
+            raise MinadeptError(f"with_dtype needs a float32 model, this one is {self.dtype}")
+        keep = backend.kernels() is not None if keep_half is None else bool(keep_half)
+        params = round_params(self.params, halfprec.check_dtype(dtype), keep) if dtype != "float32" else self.params
+        model = Model(config=self.config, params=params, tokenizer=self.tokenizer, path=self.path, dtype=dtype)
+        _ = model.lm_head_t
+        return model
+
+    @property
+    def keeps_half(self) -> bool:
+        """Whether the matrices are held in half precision (``HalfMatrix``; the fast backend)."""
+        return isinstance(self.params.h[0].c_attn_w, halfprec.HalfMatrix) if self.params.h else False
+
+    def dtype_info(self) -> dict:
+        """The weights' type for JSON summaries: ``dtype``, ``weights_in_memory`` (the type the
+        matrices are held in: float32 on the NumPy backend) and ``half_conversion`` (float16:
+        "f16c" or "scalar", bfloat16: "shift"; None when nothing is converted)."""
+        held = self.dtype if self.keeps_half else "float32"
+        conv = None if held == "float32" else ("shift" if held == "bfloat16" else backend.half_conversion())
+        return {"dtype": self.dtype, "weights_in_memory": held, "half_conversion": conv}
+
+    def describe_dtype(self) -> str:
+        """One line on the weights' type and how they are computed (``halfprec.describe``)."""
+        return halfprec.describe(self.dtype, self.keeps_half)
+
     @cached_property
-    def lm_head_t(self) -> np.ndarray:
+    def lm_head_t(self):
         """``lm_head`` transposed and C-contiguous, [C, V]: ``x @ lm_head_t`` streams the weights
-        in order (measured ~20% faster decode at 124M shapes than ``x @ lm_head.T``)."""
-        return np.ascontiguousarray(self.params.lm_head.T)
+        in order (measured ~20% faster decode at 124M shapes than ``x @ lm_head.T``). With a
+        half-precision ``dtype`` the LM head is rounded to it (a tied head is a rounded copy of
+        ``wte``, which itself stays float32): a ``HalfMatrix`` on the fast backend. Raises
+        MinadeptError for weights beyond the type's range."""
+        head = self.params.lm_head
+        if head is self.params.wte and self.dtype != "float32":
+            head = halfprec.weight("wte.weight (the tied LM head)", head, self.dtype, self.keeps_half,
+                                   transposed=True)
+        return head.T if isinstance(head, halfprec.HalfMatrix) else np.ascontiguousarray(head.T)
 
     @cached_property
     def decode_plan(self):
@@ -69,14 +120,16 @@ class Model:
         if D is None or self.config.gelu != "tanh":
             return None
         p = self.params
-        blocks = [tuple(getattr(b, f.name) for f in fields(b)) for b in p.h]
+        bits = lambda a: a.bits if isinstance(a, halfprec.HalfMatrix) else a     # read in place
+        blocks = [tuple(bits(getattr(b, f.name)) for f in fields(b)) for b in p.h]
         # Weights beyond the last-level cache (e.g. 124M: 497 MB) stream from memory at every
         # token, and two cores stream more than one: split products of 2 MB and up over the
         # threads. A small model (the embedded one: 27 MB) runs from cache, where waking a second
         # thread costs more than it saves and its spinning slows the next prefill's BLAS.
         split = 1 << 19 if 4 * self.n_params > DECODE_SPLIT_MODEL_BYTES else 1 << 62
-        return D.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, self.lm_head_t,
-                            self.config.n_head, self.config.layer_norm_epsilon, split)
+        return D.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, bits(self.lm_head_t),
+                            self.config.n_head, self.config.layer_norm_epsilon, split,
+                            wdtype=self.dtype if self.keeps_half else "float32")
 
     # -- stacked ln_1 / c_attn K,V weights for batched KV propagation (ADEPT engine) --
     @cached_property
@@ -96,7 +149,7 @@ def embed(params: Params, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
 def qkv(blk: Block, x: np.ndarray, config: GPT2Config):
     """The attention inputs of a block: x [T, C] (residual stream) -> q, k, v [H, T, D]."""
     a = backend.layer_norm(x, blk.ln_1_g, blk.ln_1_b, config.layer_norm_epsilon)
-    y = R.linear(a, blk.c_attn_w, blk.c_attn_b)                              # [T, 3C]
+    y = backend.linear(a, blk.c_attn_w, blk.c_attn_b)                        # [T, 3C]
     C = config.n_embd
     return (R.split_heads(y[:, :C], config.n_head), R.split_heads(y[:, C:2 * C], config.n_head),
             R.split_heads(y[:, 2 * C:], config.n_head))
@@ -117,10 +170,10 @@ def block_rest(blk: Block, x: np.ndarray, q: np.ndarray, keys: np.ndarray, value
     """The rest of a block once q and the cache are ready: attention over ``keys``/``values``
     [H, S, D], output projection, residual, MLP, residual. x [T, C] -> [T, C]."""
     o = R.merge_heads(backend.attention(q, keys, values, pos))                   # [T, C]
-    x = x + R.linear(o, blk.attn_c_proj_w, blk.attn_c_proj_b)
+    x = x + backend.linear(o, blk.attn_c_proj_w, blk.attn_c_proj_b)
     a = backend.layer_norm(x, blk.ln_2_g, blk.ln_2_b, config.layer_norm_epsilon)
-    m = backend.gelu(R.linear(a, blk.c_fc_w, blk.c_fc_b), config.gelu)            # [T, 4C]
-    return x + R.linear(m, blk.mlp_c_proj_w, blk.mlp_c_proj_b)
+    m = backend.gelu(backend.linear(a, blk.c_fc_w, blk.c_fc_b), config.gelu)      # [T, 4C]
+    return x + backend.linear(m, blk.mlp_c_proj_w, blk.mlp_c_proj_b)
 
 
 def final_norm(params: Params, h: np.ndarray, config: GPT2Config) -> np.ndarray:
@@ -130,4 +183,4 @@ def final_norm(params: Params, h: np.ndarray, config: GPT2Config) -> np.ndarray:
 
 def lm_head(model: Model, x: np.ndarray) -> np.ndarray:
     """Logits of already-normalised states: x [T, C] -> [T, V] float32 (tied to wte in GPT-2)."""
-    return x @ model.lm_head_t
+    return backend.matmul(x, model.lm_head_t)

@@ -78,9 +78,13 @@ def test_reference_forward_matches_transformers_live():
 
 
 @pytest.mark.parametrize("ids, msg", [([-1], "token id out of range"), ([99999], "token id out of range"),
-                                      ([1.5], "must be integer token ids"), ([], "takes 1 to 256"),
-                                      (list(range(257)), "takes 1 to 256")])
+                                      ([1.5], "must be integer token ids"), ([], "takes 1 to {n}"),
+                                      ("n + 1 ids", "takes 1 to {n}")])
 def test_reference_forward_rejects_bad_ids(ids, msg):
+    """Bad ids, and none or more than the context (n_positions of the embedded model), are errors."""
     from minadept.errors import MinadeptError
-    with pytest.raises(MinadeptError, match=msg):
-        R.forward(Model.load(), ids)
+    model = Model.load()
+    n = model.config.n_positions
+    ids = list(range(n + 1)) if ids == "n + 1 ids" else ids
+    with pytest.raises(MinadeptError, match=msg.format(n=n)):
+        R.forward(model, ids)

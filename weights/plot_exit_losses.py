@@ -20,7 +20,7 @@ def main(out: str, logs: list[str]) -> None:
         rows = log.get("valid_by_layer", [])
         for step, losses in rows:
             for k, v in enumerate(losses, start=1):
-                curves.setdefault(k, []).append((offset + step * log["tokens_per_step"] / 1e6, v))
+                curves.setdefault(k, []).append(((offset + step * log["tokens_per_step"]) / 1e6, v))
         offset += log["settings"]["steps"] * log["tokens_per_step"]
         bounds.append(offset / 1e6)
     cmap = plt.get_cmap("viridis")
@@ -31,7 +31,8 @@ def main(out: str, logs: list[str]) -> None:
                 label=f"exit after block {k}" if k in (1, L // 2, L - 1, L) else None)
     for b in bounds[:-1]:
         ax.axvline(b, color="0.6", ls="--", lw=0.8)
-    ax.set_xlabel("million tokens since the start of the first log shown (dashed: next stage)")
+    ax.set_xlabel("million tokens since the start of the first log shown (dashed: next stage; each\n"
+                  "stage's held-out windows are its own context length, so levels across a line differ)")
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

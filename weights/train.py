@@ -277,6 +277,9 @@ def main(argv=None) -> int:
         rng.bit_generator.state = state["rng"]
         log = state["log"]
         start = state["step"]
+        if log["settings"] != vars(args):       # e.g. --steps changed: the schedule follows the new one
+            log.setdefault("resumed", []).append({"step": start, "settings": dict(vars(args))})
+            log["settings"] = vars(args)
         print(f"resumed at step {start}", file=sys.stderr)
 
     # Fixed held-out windows: evenly spaced over valid.txt.

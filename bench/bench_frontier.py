@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-bytes", type=int, default=0, help="use only the first N bytes of the text (0 = all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "frontier"), help="writes OUT.md, OUT.json")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads")
+    ap.add_argument("--only", choices=("OLD", "NEW"), default=None,
+                    help="measure one model and write only OUT.json (to run OLD and NEW as two processes)")
+    ap.add_argument("--combine", nargs=2, metavar=("OLD.json", "NEW.json"), default=None,
+                    help="write OUT.md/.json from two --only runs instead of measuring")
     args = ap.parse_args(argv)
     if args.chunk_bytes < 16:
         ap.error(f"--chunk-bytes must be >= 16, got {args.chunk_bytes}")
@@ -354,22 +358,35 @@ def main(argv=None) -> None:
     """Measure OLD then NEW on the same text and write ``--out``.md/.json."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        settings = dict(parts[1]["settings"], old=parts[0]["settings"]["old"],
+                        old_git_revision=parts[0]["settings"]["old_git_revision"],
+                        seconds=parts[0]["settings"]["seconds"] + parts[1]["settings"]["seconds"],
+                        note="OLD and NEW measured as two --only processes at once, one thread each")
+        models = {**parts[0]["models"], **parts[1]["models"]}
+        write_outputs(args.out, dict(settings=settings, models=models), argv)
+        return
     text = load_text(args.text, args.max_bytes)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="frontier-old-") as tmp, threadpool_limits(args.threads):
         old_dir, rev = (Path(args.old), None) if args.old else extract_old(OLD_REV, Path(tmp))
         old_desc = f"`{MODEL_PATH}/` at git {rev}" if rev else f"`{args.old}`"
+        todo = [(n, d, desc) for n, d, desc in (("OLD", old_dir, old_desc), ("NEW", Path(args.new), f"`{args.new}`"))
+                if args.only in (None, n)]
         try:
-            models = {name: evaluate_model(name, d, desc, text, args.chunk_bytes)
-                      for name, d, desc in (("OLD", old_dir, old_desc), ("NEW", Path(args.new), f"`{args.new}`"))}
+            models = {name: evaluate_model(name, d, desc, text, args.chunk_bytes) for name, d, desc in todo}
         except MinadeptError as e:
             sys.exit(f"error: {e}")
     settings = dict(text=args.text, chunk_bytes=args.chunk_bytes, max_bytes=args.max_bytes,
-                    text_bytes=len(text.encode("utf-8")), bytes=models["NEW"]["full"]["bytes"], old=old_desc, old_git_revision=rev, new=f"`{args.new}`",
+                    text_bytes=len(text.encode("utf-8")), bytes=next(iter(models.values()))["full"]["bytes"],
+                    old=old_desc, old_git_revision=rev, new=f"`{args.new}`",
                     threads=args.threads, backend=backend.active(), adept_taus=ADEPT_TAUS,
                     budget_bits_per_byte=BUDGET_BPB, seconds=time.perf_counter() - t0)
+    if args.only:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(dict(settings=settings, models=models), indent=1))
+        return
     write_outputs(args.out, dict(settings=settings, models=models), argv)
-
 
 if __name__ == "__main__":
     main()

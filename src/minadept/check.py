@@ -33,7 +33,7 @@ from .dump import FORMAT_VERSION
 #: result by about sqrt(n) * 2^-24 of its terms' size (random-walk rounding; n = 3072 gives
 #: 3e-6), and layer norms and the residual stream carry that through every layer. Measured
 #: between minadept and transformers (fp32, CPU, all 12 layers): at most 1.7e-6 of the token's
-#: scale on a random GPT-2 124M, 8.5e-7 on the embedded model. 1e-4 leaves a factor of 50 or
+#: scale on a random GPT-2 124M, 1.9e-6 on the embedded model. 1e-4 leaves a factor of 50 or
 #: more for other BLAS libraries, thread counts and machines, while a real porting error moves
 #: values by 1e-1 to 1 of their scale (a transposed weight, a wrong position); the subtlest one,
 #: the GELU in its erf form instead of tanh, moves them by 3e-4 to 1e-3.

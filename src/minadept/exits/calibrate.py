@@ -212,8 +212,9 @@ def _n_held(n_windows: int, heldout: float) -> int:
 
 def check_text_length(cfg, n_tokens: int, min_fit_windows: int = MIN_FIT_WINDOWS, heldout: float = HELDOUT) -> None:
     """Refuse, before any work, calibration text too short for ``min_fit_windows`` windows to fit
-    after the hold-out (fewer gives a policy that only looks calibrated: on 4 windows of the
-    embedded model the held-out perplexity rose by 545%). Raises MinadeptError."""
+    after the hold-out (fewer gives a policy that only looks calibrated: fitted on 4 windows of
+    the embedded model's training text it misses its target and adds 46-49% to the perplexity
+    of valid.txt). Raises MinadeptError."""
     n_ctx = min(cfg.n_positions, 256)
     need = min_windows(min_fit_windows, heldout)
     have = (n_tokens - 1) // n_ctx

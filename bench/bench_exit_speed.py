@@ -102,7 +102,7 @@ def speed_rounds(engines: dict, texts: list[str], new_tokens: int, rounds: int) 
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
             be, eng = engines[n]
-            with use_backend(be):
+            with backend.using(be):
                 per[n].append(time_engine(eng, texts, new_tokens))
         print(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {per[n][-1]['dec_tok'] / per[n][-1]['dec_s']:.0f} tok/s" for n in names), file=sys.stderr)
@@ -110,20 +110,6 @@ def speed_rounds(engines: dict, texts: list[str], new_tokens: int, rounds: int) 
     return {n: {"prefill_tok_s": med(n, "pre_tok", "pre_s"), "decode_tok_s": med(n, "dec_tok", "dec_s"),
                 "prefill_bytes_s": med(n, "pre_bytes", "pre_s"), "decode_bytes_s": med(n, "dec_bytes", "dec_s"),
                 "rounds": per[n]} for n in names}
-
-
-class use_backend:
-    """Select backend ``name`` inside the block, restoring the previous selection after."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.saved = backend._state
-        backend.use(self.name)
-
-    def __exit__(self, *exc):
-        backend._state = self.saved
 
 
 # ----------------------------------------------------------------------------- breakdown
@@ -243,7 +229,7 @@ def engines_for(new: Model, old: Model):
           "old full (fast)": ("fast", full(old)), "new full (numpy)": ("numpy", full(new)),
           "new adept (numpy)": ("numpy", adept())}
     for be, e in es.values():
-        with use_backend(be):
+        with backend.using(be):
             e.prepare()
     return es
 
@@ -299,7 +285,7 @@ def main(argv=None) -> int:
     texts = prompts(new.tokenizer, args.prompts)
     es = engines_for(new, old)
     sp = speed_rounds(es, texts, args.new_tokens, args.rounds)
-    with use_backend("fast"):
+    with backend.using("fast"):
         bd = breakdown(es["new adept (fast)"][1], texts, args.new_tokens)
     res = {"settings": dict(vars(args), old=args.old or f"git {OLD_REV}", prompt_tokens_max=96,
                             threads_blas=args.threads), "speed": sp, "ratios": ratios(sp), "breakdown": bd}

@@ -27,10 +27,8 @@ BACKENDS = ["numpy"] + (["fast"] if backend._load_fast() is not None else [])
 @pytest.fixture(autouse=True, params=BACKENDS)
 def each_backend(request):
     """Every engine test runs on the NumPy backend and, when built, on the Cython one."""
-    saved = backend._state
-    backend.use(request.param)
-    yield request.param
-    backend._state = saved
+    with backend.using(request.param):
+        yield request.param
 
 
 class RandomExit(Policy):
@@ -199,8 +197,13 @@ def test_prefill_with_exits_equals_token_by_token_replay(seed, p, fill, T):
     eng = Engine(MODEL, RandomExit(p, seed), fill=fill)
     cache_a = eng.new_cache()
     ra = eng.forward(prompt, cache_a, all_logits=True)
-    rec = {i: int(k) for i, k in enumerate(ra.exit_layers)}
-    rep = Engine(MODEL, Replay(rec), fill=fill)
+    assert_replay_equal(eng, cache_a, ra, Engine(MODEL, NoExit(), fill=fill), prompt)
+
+
+def assert_replay_equal(eng, cache_a, ra, rep, prompt):
+    """``rep``, given a ``Replay`` of the exit layers ``ra`` recorded by ``eng`` on ``prompt``
+    and fed the prompt one token at a time, gives the same logits and (flushed) K/V cache."""
+    rep.policy = Replay({i: int(k) for i, k in enumerate(ra.exit_layers)})
     cache_b = rep.new_cache()
     rows = [rep.forward([t], cache_b).logits[0] for t in prompt]
     eng.flush(cache_a)
@@ -390,15 +393,7 @@ def test_prefill_equals_replay_wide(shape, data):
     ra = eng.forward(prompt, cache_a, all_logits=True, record_hidden=True)
     assert (ra.exit_layers >= m_min).all()
     EXITED.append(bool((ra.exit_layers < n_layer).any()))
-    rec = {i: int(k) for i, k in enumerate(ra.exit_layers)}
-    rep = _engine_for(model, "random", None, 1, mappers, params, fill, seed)
-    rep.policy = Replay(rec)
-    cache_b = rep.new_cache()
-    rows = [rep.forward([t], cache_b).logits[0] for t in prompt]
-    eng.flush(cache_a)
-    rep.flush(cache_b)
-    np.testing.assert_allclose(np.array(rows), ra.logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache_a.kv, cache_b.kv, rtol=1e-5, atol=1e-5)
+    assert_replay_equal(eng, cache_a, ra, _engine_for(model, "random", None, 1, mappers, params, fill, seed), prompt)
     # (b) the policy itself, one token at a time
     cache_c = eng.new_cache()
     singles = [eng.forward([t], cache_c) for t in prompt]

@@ -28,10 +28,8 @@ BACKENDS = ["numpy"] + (["fast"] if backend._load_fast() is not None else [])
 
 @pytest.fixture(params=BACKENDS)
 def each_backend(request):
-    saved = backend._state
-    backend.use(request.param)
-    yield request.param
-    backend._state = saved
+    with backend.using(request.param):
+        yield request.param
 
 
 def block_cost(n_keys):

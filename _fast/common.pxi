@@ -166,124 +166,107 @@ cdef inline double adept_logit_row(const float* h, const float* h_prev, Py_ssize
 
 # ----------------------------------------------------------------------------- half-precision weights
 #
-# - ``hgemv_cols``: y = x @ W + beta y over a range of columns, W float16 or bfloat16 (``half_gemv``;
-#   the fused decode step's products when the model is loaded with --dtype float16/bfloat16)
-# - ``hgemm_rows``: X @ W for a few rows X (``half_matmul``; a short prefill, a prompt's LM head)
+# Half-precision matrices are kept [out, in] (each output's weights contiguous; ``halfprec``), and
+# every output is one dot product (half.h, ``mdt_dot_*``), computed wholly by one thread:
+# - ``hgemv_par``: y = x @ W^T + beta y, W float16 or bfloat16 [N, K] (``half_gemv``; the fused
+#   decode step's products when the model is loaded with --dtype float16/bfloat16)
+# - ``hgemm_par``: X @ W^T for a few rows X (``half_matmul``; a short prefill, a prompt's LM head)
 #
-# The conversions (half.h) are exact and every product and sum is float32: these kernels compute
-# what float32 arithmetic on the upcast matrix computes, up to the order of the sums.
+# The conversions are exact and every product and sum is float32, in one order (half.h) whatever
+# the kernel, the number of rows or of threads: ``half_gemv`` and every row of ``half_matmul`` give
+# bit-identical sums. They compute what float32 arithmetic on the upcast matrix computes, up to
+# the order of the sums.
 from libc.stdint cimport uint16_t
+from libc.stdlib cimport free, malloc
 
 cdef extern from "half.h" nogil:
     const char* MINADEPT_HALF_CONVERSION
     void mdt_half_run(const uint16_t* src, float* dst, Py_ssize_t n, int kind)
     void mdt_f16_run_portable(const uint16_t* src, float* dst, Py_ssize_t n)
-    void mdt_axpy_rows(const uint16_t* w, Py_ssize_t ldw, const float* x, int R, float* acc,
-                       Py_ssize_t n, int kind)
+    float mdt_dot_half(const uint16_t* w, const float* x, Py_ssize_t n, int kind)
+    float mdt_dot_f32(const float* w, const float* x, Py_ssize_t n)
 
 cdef enum:
     W_F32 = 0            # weight codes: float32 (BLAS), float16, bfloat16 (bit patterns, uint16)
     W_F16 = 1
     W_BF16 = 2
-    HPANEL = 4096        # columns per panel: 16 KB of float32 sums, resident in L1
-    HROWS = 8            # weight rows per pass over a panel's sums
+    HROW_GRAIN = 16      # a thread's share of the outputs is a multiple of this many rows
     HMAX_ROWS = 64       # rows of X in ``half_matmul`` at most
 
 
-cdef inline void hpanel(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t N, const float* x,
-                        Py_ssize_t pn, float* acc) noexcept nogil:
-    """acc [pn] = x [K] @ W[:, 0:pn] for half-precision W (rows N values apart, pn <= HPANEL):
-    the panel's rows streamed in order, HROWS at a time (``mdt_axpy_rows``); each acc[j] sums
-    x[k] W[k, j] for k = 0, 1, ..., K-1 in that order, in float32."""
-    cdef Py_ssize_t k = 0, j
-    for j in range(pn):
-        acc[j] = 0.0
-    while k + HROWS <= K:
-        mdt_axpy_rows(W + k * N, N, x + k, HROWS, acc, pn, kind)
-        k = k + HROWS
-    if k < K:
-        mdt_axpy_rows(W + k * N, N, x + k, <int>(K - k), acc, pn, kind)
+cdef inline void hgemv_rows(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t n0, Py_ssize_t n1,
+                            const float* x, float* y, float beta) noexcept nogil:
+    """y[n] = W[n, :] . x + beta * y[n] for n0 <= n < n1, W [N, K] half-precision bit patterns
+    (``kind`` W_F16 or W_BF16) read row after row. beta 0: y is not read (as BLAS)."""
+    cdef Py_ssize_t n
+    if beta == 0.0:
+        for n in range(n0, n1):
+            y[n] = mdt_dot_half(W + n * K, x, K, kind)
+    else:
+        for n in range(n0, n1):
+            y[n] = mdt_dot_half(W + n * K, x, K, kind) + beta * y[n]
 
 
-cdef inline void hgemv_cols(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t N, Py_ssize_t n0,
-                            Py_ssize_t n1, const float* x, float* y, float beta) noexcept nogil:
-    """y[n0:n1] = x [K] @ W[:, n0:n1] + beta * y[n0:n1] for a half-precision W [K, N] (``kind``
-    W_F16 or W_BF16, bit patterns, row-major [in, out] as Conv1D stores it), panel by panel of
-    HPANEL columns. beta 0: y is not read (as BLAS)."""
-    cdef float acc[HPANEL]
-    cdef Py_ssize_t n = n0, j, pn
-    while n < n1:
-        pn = HPANEL if n1 - n >= HPANEL else n1 - n
-        hpanel(W + n, kind, K, N, x, pn, acc)
-        if beta == 0.0:
-            for j in range(pn):
-                y[n + j] = acc[j]
-        else:
-            for j in range(pn):
-                y[n + j] = acc[j] + beta * y[n + j]
-        n = n + pn
+cdef inline Py_ssize_t hshare(Py_ssize_t N, int nt) noexcept nogil:
+    """Outputs per thread when N outputs are split over nt threads: a multiple of HROW_GRAIN."""
+    return ((N + nt - 1) // nt + HROW_GRAIN - 1) // HROW_GRAIN * HROW_GRAIN
 
 
 cdef void hgemv_par(const uint16_t* W, int kind, int K, int N, const float* x, float* y, float beta,
                     long split_min, int nt) noexcept nogil:
-    """``hgemv_cols`` over all N columns, split into ``nt`` contiguous column ranges (multiples of
-    64), one per OpenMP thread, when nt > 1 and W has at least ``split_min`` weights. Each
-    column's sum is one thread's, in the same order either way: the result does not depend on
-    the split."""
+    """``hgemv_rows`` over all N outputs, split into ``nt`` contiguous ranges of W's rows (each
+    thread streams one contiguous part of the matrix), one per OpenMP thread, when nt > 1 and W
+    has at least ``split_min`` weights. Each output is one thread's dot product: the result does
+    not depend on the split."""
     cdef int p
     cdef Py_ssize_t per, a, b
     if nt <= 1 or <long>K * N < split_min:
-        hgemv_cols(W, kind, K, N, 0, N, x, y, beta)
+        hgemv_rows(W, kind, K, 0, N, x, y, beta)
         return
-    per = ((N + nt - 1) // nt + 63) // 64 * 64
+    per = hshare(N, nt)
     for p in prange(nt, num_threads=nt, schedule="static"):
         a = p * per
         b = a + per
         if b > N:
             b = N
         if a < b:
-            hgemv_cols(W, kind, K, N, a, b, x, y, beta)
+            hgemv_rows(W, kind, K, a, b, x, y, beta)
 
 
 cdef void hgemm_rows(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t N, Py_ssize_t n0, Py_ssize_t n1,
-                     const float* X, Py_ssize_t R, float* Y) noexcept nogil:
-    """Y[:, n0:n1] = X [R, K] @ W[:, n0:n1] (row-major; Y [R, N]) for a half-precision W, each
-    row's sums as ``hpanel``'s (k in order, float32): panel by panel of HPANEL columns, each group
-    of HROWS weight rows is used by all R rows while it is in cache, so W streams from memory
-    once, in long runs, whatever R."""
-    cdef Py_ssize_t n = n0, pn, k, kr, r, j
-    while n < n1:
-        pn = HPANEL if n1 - n >= HPANEL else n1 - n
+                     const float* X, Py_ssize_t R, float* Y, float* wrow) noexcept nogil:
+    """Y[:, n] = X [R, K] @ W[n, :] for n0 <= n < n1 (Y [R, N] row-major), W [N, K] half-precision:
+    each weight row is converted once into ``wrow`` [K] and dotted with every row of X
+    (``mdt_dot_f32``, the same sums as ``mdt_dot_half``), so W streams from memory once."""
+    cdef Py_ssize_t n, r
+    for n in range(n0, n1):
+        mdt_half_run(W + n * K, wrow, K, kind)
         for r in range(R):
-            for j in range(pn):
-                Y[r * N + n + j] = 0.0
-        k = 0
-        while k < K:
-            kr = HROWS if K - k >= HROWS else K - k
-            for r in range(R):
-                if kr == HROWS:
-                    mdt_axpy_rows(W + k * N + n, N, X + r * K + k, HROWS, Y + r * N + n, pn, kind)
-                else:
-                    mdt_axpy_rows(W + k * N + n, N, X + r * K + k, <int>kr, Y + r * N + n, pn, kind)
-            k = k + kr
-        n = n + pn
+            Y[r * N + n] = mdt_dot_f32(wrow, X + r * K, K)
 
 
-cdef void hgemm_par(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t N, const float* X,
-                    Py_ssize_t R, float* Y, long split_min, int nt) noexcept nogil:
-    """``hgemm_rows`` over all N columns, split into ``nt`` column ranges (multiples of 64) over
-    the OpenMP threads when nt > 1 and W has at least ``split_min`` weights (the split changes
-    no sum)."""
+cdef int hgemm_par(const uint16_t* W, int kind, Py_ssize_t K, Py_ssize_t N, const float* X,
+                   Py_ssize_t R, float* Y, long split_min, int nt) noexcept nogil:
+    """``hgemm_rows`` over all N outputs, split into ``nt`` ranges of W's rows over the OpenMP
+    threads when nt > 1 and W has at least ``split_min`` weights (the split changes no sum).
+    Returns -1 when its scratch (nt x K floats) cannot be allocated, else 0."""
     cdef int p
     cdef Py_ssize_t per, a, b
     if nt <= 1 or <long>K * N < split_min:
-        hgemm_rows(W, kind, K, N, 0, N, X, R, Y)
-        return
-    per = ((N + nt - 1) // nt + 63) // 64 * 64
-    for p in prange(nt, num_threads=nt, schedule="static"):
-        a = p * per
-        b = a + per
-        if b > N:
-            b = N
-        if a < b:
-            hgemm_rows(W, kind, K, N, a, b, X, R, Y)
+        nt = 1
+    cdef float* wrows = <float*>malloc(nt * K * sizeof(float) + sizeof(float))
+    if wrows == NULL:
+        return -1
+    if nt == 1:
+        hgemm_rows(W, kind, K, N, 0, N, X, R, Y, wrows)
+    else:
+        per = hshare(N, nt)
+        for p in prange(nt, num_threads=nt, schedule="static"):
+            a = p * per
+            b = a + per
+            if b > N:
+                b = N
+            if a < b:
+                hgemm_rows(W, kind, K, N, a, b, X, R, Y, wrows + p * K)
+    free(wrows)
+    return 0

@@ -17,7 +17,6 @@ import threading
 import numpy as np
 from cython.parallel import prange
 cimport openmp
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemv as blas_sgemv
 
@@ -110,15 +109,19 @@ HALF_CONVERSION = MINADEPT_HALF_CONVERSION.decode()
 
 
 cdef const void* _wptr(list keep, arr, tuple shape, str name, int kind) except NULL:
-    """Pointer to a weight matrix: float32 (as ``_ptr``), or for a half-precision ``kind`` the
-    array itself, which must be uint16 bit patterns, C-contiguous, of exactly ``shape``: it is
-    read in place, never converted or copied (a half model keeps no float32 copy)."""
+    """Pointer to a weight matrix of ``shape`` [in, out]: float32 (as ``_ptr``), or for a
+    half-precision ``kind`` the array itself, which must be uint16 bit patterns of the transposed
+    shape [out, in], C-contiguous (the layout ``halfprec`` keeps: each output's weights
+    contiguous): it is read in place, never converted or copied (a half model keeps no float32
+    copy)."""
     if kind == W_F32:
         return _ptr(keep, arr, shape, name)
+    want = (shape[1], shape[0])
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint16 or not arr.flags.c_contiguous \
-            or arr.shape != shape:
-        raise ValueError(f"DecodePlan: {name} must be C-contiguous uint16 bit patterns of shape {shape}, "
-                         f"got {type(arr).__name__} {getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}")
+            or arr.shape != want:
+        raise ValueError(f"DecodePlan: {name} must be C-contiguous uint16 bit patterns of shape {want} "
+                         f"([out, in]), got {type(arr).__name__} {getattr(arr, 'dtype', '')} "
+                         f"{getattr(arr, 'shape', '')}")
     keep.append(arr)
     cdef const uint16_t[::1] m = arr.reshape(-1)
     return &m[0]
@@ -134,9 +137,11 @@ cdef class DecodePlan:
     (``Engine`` does).
 
     blocks: n_layer tuples of the 12 ``checkpoint.Block`` arrays in field order; lm_head_t [C, V].
-    wdtype: "float32", or "float16" / "bfloat16": the four block matrices and lm_head_t are then
-    uint16 bit patterns of that type, read in place; their products convert in registers and
-    accumulate in float32 (``hgemv_par``). Everything else is float32 in every case.
+    wdtype: "float32", or "float16" / "bfloat16": the four block matrices and the LM head are then
+    uint16 bit patterns of that type, transposed ([out, in]: the block matrices [3C, C], [C, C],
+    [4C, C], [C, 4C] and the head [V, C]; ``HalfMatrix.bits.T``), read in place; their products
+    convert in registers and accumulate in float32 (``hgemv_par``). Everything else is float32 in
+    every case.
     split_min: products with at least this many weights are split over the OpenMP threads;
     attn_split_min: attention is split by heads over them from this many H * keys * D values.
     """

@@ -1,6 +1,6 @@
 /* Half-precision (IEEE float16 and bfloat16) to float32 conversion of runs of values, for the
  * half-precision weight kernels of common.pxi (the GEMV of the fused decode step, the upcast of a
- * matrix for prefill). Both conversions are exact: every float16 and bfloat16 value is a float32.
+ * matrix for prefill), and those kernels' dot product (mdt_dot_f32, mdt_dot_f16, mdt_dot_bf16). Both conversions are exact: every float16 and bfloat16 value is a float32.
  *
  * float16: chosen at compile time. With F16C (x86; -march=native on a CPU that has it) the
  * hardware instruction vcvtph2ps, 16 values per instruction with AVX-512F, 8 with AVX; without it
@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__F16C__)
@@ -78,65 +79,124 @@ static inline void mdt_half_run(const uint16_t* src, float* dst, ptrdiff_t n, in
         mdt_f16_run(src, dst, n);
 }
 
-/* The GEMV's inner loop: acc[0:n] += x[0] W[0, 0:n] + x[1] W[1, 0:n] + ... + x[R-1] W[R-1, 0:n]
- * for R (<= 8) rows of half-precision weights W (bit patterns, rows ldw values apart), each row
- * converted to float32 in registers; for every j the R products are added to acc[j] one after
- * the other (r = 0, 1, ...), in float32. The caller passes R = 8 as a constant for the bulk of
- * the rows, so that the compiler unrolls the row loop and keeps acc[j] in a register across it.
- *
- * float16 with F16C: 16 columns per step (AVX-512F) or 8 (AVX), vcvtph2ps then FMA: GCC 12 does
- * not vectorise a _Float16 -> float conversion, so this one loop is written with intrinsics.
- * bfloat16, and float16 without F16C: a plain C loop over the columns that GCC vectorises (the
- * conversion is integer shifts, masks and selects). */
-static inline void mdt_axpy_rows(const uint16_t* w, ptrdiff_t ldw, const float* x, int R, float* acc,
-                                 ptrdiff_t n, int kind) {
-    ptrdiff_t j = 0;
-    int r;
-    if (kind == 2) {
-        for (j = 0; j < n; j++) {
-            float a = acc[j];
-            for (r = 0; r < R; r++)
-                a += x[r] * mdt_bf16_to_f32(w[r * ldw + j]);
-            acc[j] = a;
-        }
-        return;
-    }
+/* The kernels' dot product: sum over k < n of w[k] x[k], w one row of a weight matrix kept
+ * [out, in] (each output's n weights contiguous, so a matrix-vector product reads the matrix as one
+ * sequential stream: measured about twice the memory throughput of reading [in, out] column
+ * panels), x float32. Every weight is converted exactly and every product and sum is float32, in
+ * one fixed order for all three weight types, so the float32 twin (mdt_dot_f32, used on a row
+ * converted once for several x) gives bit-identical sums:
+ *   lanes 0..63 each sum k = lane, lane + 64, ... over the whole blocks of 64; then blocks of 16
+ *   into lanes 0..15; lanes l, l+16, l+32, l+48 are added ((0 + 1) + (2 + 3)); the 16 results are
+ *   reduced pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1); the last n % 16 products are added in order.
+ * With AVX-512F and F16C the lanes are four zmm registers, with AVX2, F16C and FMA eight ymm
+ * registers; the portable loop keeps them in an array that GCC vectorises, same order, products and sums as separate
+ * operations unless the compiler contracts them to FMA (it does with -march=native). */
+/* a + b c: one fused operation where the CPU has FMA (never contracted differently in different
+ * kernels), else a product then a sum (nothing to contract). */
+#if defined(__FP_FAST_FMAF)
+#define MDT_MAC(a, b, c) fmaf((b), (c), (a))
+#else
+#define MDT_MAC(a, b, c) ((a) + (b) * (c))
+#endif
+
+#define MDT_DOT_KINDS(X) X(f32, float, mdt_ld_f32) X(f16, uint16_t, mdt_ld_f16) X(bf16, uint16_t, mdt_ld_bf16)
+
+static inline float mdt_ld_f32(const float* p) { return *p; }
+static inline float mdt_ld_bf16(const uint16_t* p) { return mdt_bf16_to_f32(*p); }
 #if defined(__F16C__)
-#if defined(__AVX512F__)
-    for (; j + 16 <= n; j += 16) {
-        __m512 a = _mm512_loadu_ps(acc + j);
-        for (r = 0; r < R; r++)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(x[r]),
-                                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(w + r * ldw + j))), a);
-        _mm512_storeu_ps(acc + j, a);
-    }
-#endif
-    for (; j + 8 <= n; j += 8) {
-        __m256 a = _mm256_loadu_ps(acc + j);
-        for (r = 0; r < R; r++)
-#if defined(__FMA__)
-            a = _mm256_fmadd_ps(_mm256_set1_ps(x[r]),
-                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + r * ldw + j))), a);
+static inline float mdt_ld_f16(const uint16_t* p) { return _cvtsh_ss(*p); }
 #else
-            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(x[r]),
-                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + r * ldw + j)))));
+static inline float mdt_ld_f16(const uint16_t* p) { return mdt_f16_to_f32_portable(*p); }
 #endif
-        _mm256_storeu_ps(acc + j, a);
-    }
-    for (; j < n; j++) {
-        float a = acc[j];
-        for (r = 0; r < R; r++)
-            a += x[r] * _cvtsh_ss(w[r * ldw + j]);
-        acc[j] = a;
-    }
+
+static inline float mdt_reduce16(float* s) {
+    int h, l;
+    for (h = 8; h >= 1; h >>= 1)
+        for (l = 0; l < h; l++)
+            s[l] = s[l] + s[l + h];
+    return s[0];
+}
+
+#if defined(__AVX512F__) && defined(__F16C__)
+static inline __m512 mdt_zld_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 mdt_zld_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m512 mdt_zld_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#define MDT_DOT_DEF(NAME, T, LD)                                                                  \
+static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {                     \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
+    float s[16], t;                                                                               \
+    ptrdiff_t k = 0;                                                                              \
+    for (; k + 64 <= n; k += 64) {                                                                \
+        a0 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k), _mm512_loadu_ps(x + k), a0);                  \
+        a1 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);        \
+        a2 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);        \
+        a3 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);        \
+    }                                                                                             \
+    for (; k + 16 <= n; k += 16)                                                                  \
+        a0 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k), _mm512_loadu_ps(x + k), a0);                  \
+    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));             \
+    t = mdt_reduce16(s);                                                                          \
+    for (; k < n; k++)                                                                            \
+        t = MDT_MAC(t, LD(w + k), x[k]);                                                                 \
+    return t;                                                                                     \
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+/* AVX2: the 64 lanes as eight ymm registers, the same order. */
+static inline __m256 mdt_yld_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 mdt_yld_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m256 mdt_yld_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#define MDT_DOT_DEF(NAME, T, LD)                                                                  \
+static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {                     \
+    __m256 a[8];                                                                                  \
+    float s[16], t;                                                                               \
+    ptrdiff_t k = 0;                                                                              \
+    int l;                                                                                        \
+    for (l = 0; l < 8; l++)                                                                       \
+        a[l] = _mm256_setzero_ps();                                                               \
+    for (; k + 64 <= n; k += 64)                                                                  \
+        for (l = 0; l < 8; l++)                                                                   \
+            a[l] = _mm256_fmadd_ps(mdt_yld_##NAME(w + k + 8 * l), _mm256_loadu_ps(x + k + 8 * l), a[l]); \
+    for (; k + 16 <= n; k += 16)                                                                  \
+        for (l = 0; l < 2; l++)                                                                   \
+            a[l] = _mm256_fmadd_ps(mdt_yld_##NAME(w + k + 8 * l), _mm256_loadu_ps(x + k + 8 * l), a[l]); \
+    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6])));    \
+    _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]))); \
+    t = mdt_reduce16(s);                                                                          \
+    for (; k < n; k++)                                                                            \
+        t = MDT_MAC(t, LD(w + k), x[k]);                                                                 \
+    return t;                                                                                     \
+}
 #else
-    for (j = 0; j < n; j++) {
-        float a = acc[j];
-        for (r = 0; r < R; r++)
-            a += x[r] * mdt_f16_to_f32_portable(w[r * ldw + j]);
-        acc[j] = a;
-    }
+#define MDT_DOT_DEF(NAME, T, LD)                                                                  \
+static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {                     \
+    float a[64], s[16], t;                                                                        \
+    ptrdiff_t k = 0;                                                                              \
+    int l;                                                                                        \
+    for (l = 0; l < 64; l++)                                                                      \
+        a[l] = 0.0f;                                                                              \
+    for (; k + 64 <= n; k += 64)                                                                  \
+        for (l = 0; l < 64; l++)                                                                  \
+            a[l] = MDT_MAC(a[l], LD(w + k + l), x[k + l]);                                               \
+    for (; k + 16 <= n; k += 16)                                                                  \
+        for (l = 0; l < 16; l++)                                                                  \
+            a[l] = MDT_MAC(a[l], LD(w + k + l), x[k + l]);                                               \
+    for (l = 0; l < 16; l++)                                                                      \
+        s[l] = (a[l] + a[l + 16]) + (a[l + 32] + a[l + 48]);                                      \
+    t = mdt_reduce16(s);                                                                          \
+    for (; k < n; k++)                                                                            \
+        t = MDT_MAC(t, LD(w + k), x[k]);                                                                 \
+    return t;                                                                                     \
+}
 #endif
+MDT_DOT_KINDS(MDT_DOT_DEF)
+
+/* kind 1: float16, 2: bfloat16. */
+static inline float mdt_dot_half(const uint16_t* w, const float* x, ptrdiff_t n, int kind) {
+    return kind == 2 ? mdt_dot_bf16(w, x, n) : mdt_dot_f16(w, x, n);
 }
 
 /* The portable float16 conversion of a run (for tests: the path of a build without F16C). */

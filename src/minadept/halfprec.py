@@ -52,7 +52,9 @@ def check_dtype(dtype) -> str:
 
 class HalfMatrix:
     """A weight matrix rounded to float16 or bfloat16 and kept so: ``bits`` [rows, cols] uint16
-    (the bit patterns; may be a transposed view), ``dtype`` "float16" or "bfloat16".
+    (the bit patterns; the matrix multiplies as ``x @ m``, rows = in, cols = out), stored [out, in]
+    (``bits`` the transposed view of a C-contiguous array: ``kernel_bits``), ``dtype`` "float16"
+    or "bfloat16".
 
     NumPy code that is not written for it still computes correctly: ``np.asarray``, ``x @ m``
     and indexing (``m[:, C:]``) see the float32 values (an upcast copy each time); the compiled
@@ -72,6 +74,15 @@ class HalfMatrix:
     nbytes = property(lambda self: self.bits.nbytes)
     kind = property(lambda self: KINDS[self.dtype], doc="the kernels' code of ``dtype``")
     T = property(lambda self: HalfMatrix(self.bits.T, self.dtype), doc="the transpose, a view")
+
+    @property
+    def kernel_bits(self) -> np.ndarray:
+        """The bit patterns as the compiled kernels read them: [cols, rows] ([out, in]: each
+        output's weights contiguous), C-contiguous, the transpose of ``bits``; ValueError when
+        the matrix is not stored so (``weight`` stores every matrix so)."""
+        if not self.bits.T.flags.c_contiguous:
+            raise ValueError("HalfMatrix: not stored [out, in] C-contiguous, as the kernels read it")
+        return self.bits.T
 
     def float32(self) -> np.ndarray:
         """The values as a new float32 array [rows, cols] (exact)."""
@@ -131,15 +142,18 @@ def round_bits(name: str, t: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def weight(name: str, t: np.ndarray, dtype: str, keep: bool, transposed: bool = False):
-    """Matrix ``t`` [rows, cols] rounded to ``dtype`` (checked as ``round_bits``): a HalfMatrix
-    when ``keep`` (the fast backend), else its float32 upcast. ``transposed``: stored as
-    [cols, rows] C-contiguous and returned as the transposed view, so that ``.T`` is contiguous
-    (the LM head, which the kernels read as [C, V])."""
+    """Matrix ``t`` rounded to ``dtype`` (checked as ``round_bits``): a HalfMatrix of t's shape
+    when ``keep`` (the fast backend), else its float32 upcast.
+
+    A HalfMatrix is stored as the compiled kernels read it, [out, in] C-contiguous (each output's
+    weights contiguous; ``HalfMatrix.kernel_bits``): a Conv1D matrix ``t`` [in, out] (the blocks')
+    is copied transposed (in half precision), a ``transposed`` one, t [out, in] used as its
+    transpose (the LM head [V, C]), is kept as given. The float32 upcast is C-contiguous, or for
+    ``transposed`` the transposed view of a C-contiguous [cols, rows] array, as before."""
     bits = round_bits(name, t, dtype)
-    if transposed:
+    if not keep:
+        out = upcast(bits, dtype)
+        return np.ascontiguousarray(out.T).T if transposed else np.ascontiguousarray(out)
+    if not transposed:
         bits = np.ascontiguousarray(bits.T).T
-    half = HalfMatrix(bits, dtype)
-    if keep:
-        return half
-    out = half.float32()
-    return np.ascontiguousarray(out.T).T if transposed else np.ascontiguousarray(out)
+    return HalfMatrix(bits, dtype)

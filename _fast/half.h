@@ -117,7 +117,21 @@ static inline float mdt_reduce16(float* s) {
     return s[0];
 }
 
+/* mdt_reduce16 of 16 lanes held in registers (lo = lanes 0..7, hi = 8..15), the same pairs. */
+#if defined(__AVX__)
+static inline float mdt_yreduce16(__m256 lo, __m256 hi) {
+    __m256 s8 = _mm256_add_ps(lo, hi);                                     /* l + (l + 8) */
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));   /* + 4 */
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                     /* + 2 */
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));       /* + 1 */
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__F16C__)
+static inline float mdt_zreduce16(__m512 a) {
+    return mdt_yreduce16(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
 static inline __m512 mdt_zld_f32(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 mdt_zld_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline __m512 mdt_zld_bf16(const uint16_t* p) {
@@ -126,7 +140,7 @@ static inline __m512 mdt_zld_bf16(const uint16_t* p) {
 #define MDT_DOT_DEF(NAME, T, LD)                                                                  \
 static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {                     \
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
-    float s[16], t;                                                                               \
+    float t;                                                                                      \
     ptrdiff_t k = 0;                                                                              \
     for (; k + 64 <= n; k += 64) {                                                                \
         a0 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k), _mm512_loadu_ps(x + k), a0);                  \
@@ -136,8 +150,7 @@ static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {   
     }                                                                                             \
     for (; k + 16 <= n; k += 16)                                                                  \
         a0 = _mm512_fmadd_ps(mdt_zld_##NAME(w + k), _mm512_loadu_ps(x + k), a0);                  \
-    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));             \
-    t = mdt_reduce16(s);                                                                          \
+    t = mdt_zreduce16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));               \
     for (; k < n; k++)                                                                            \
         t = MDT_MAC(t, LD(w + k), x[k]);                                                                 \
     return t;                                                                                     \
@@ -152,7 +165,7 @@ static inline __m256 mdt_yld_bf16(const uint16_t* p) {
 #define MDT_DOT_DEF(NAME, T, LD)                                                                  \
 static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {                     \
     __m256 a[8];                                                                                  \
-    float s[16], t;                                                                               \
+    float t;                                                                                      \
     ptrdiff_t k = 0;                                                                              \
     int l;                                                                                        \
     for (l = 0; l < 8; l++)                                                                       \
@@ -163,9 +176,8 @@ static inline float mdt_dot_##NAME(const T* w, const float* x, ptrdiff_t n) {   
     for (; k + 16 <= n; k += 16)                                                                  \
         for (l = 0; l < 2; l++)                                                                   \
             a[l] = _mm256_fmadd_ps(mdt_yld_##NAME(w + k + 8 * l), _mm256_loadu_ps(x + k + 8 * l), a[l]); \
-    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6])));    \
-    _mm256_storeu_ps(s + 8, _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]))); \
-    t = mdt_reduce16(s);                                                                          \
+    t = mdt_yreduce16(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6])),       \
+                      _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7])));      \
     for (; k < n; k++)                                                                            \
         t = MDT_MAC(t, LD(w + k), x[k]);                                                                 \
     return t;                                                                                     \

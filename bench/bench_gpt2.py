@@ -31,6 +31,9 @@ from ``--llama-convert PATH/convert_hf_to_gguf.py``, which converts the checkpoi
 temporary directory to each of ``--gguf-types``. A given GGUF is checked against the checkpoint
 (its ``token_embd.weight`` read with the ``gguf`` package) when that package is importable.
 
+minadept is imported before NumPy, as the ``minadept`` command does, so that OpenBLAS's worker
+threads stop spinning soon after the prefill's products (``minadept/__init__.py``).
+
 This is a benchmark, not a test: it always exits 0 unless something crashes; read the table.
 
     python bench/bench_gpt2.py                       # 2 threads, 128 + 128 tokens, 3 repeats
@@ -50,6 +53,7 @@ import tempfile
 import time
 import warnings
 
+import minadept  # noqa: F401  (before NumPy loads OpenBLAS: its short thread spin, as in the CLI)
 import numpy as np
 
 #: (decode, prefill) minadept tok/s over transformers': the project's targets for the NumPy reference and

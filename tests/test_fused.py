@@ -329,3 +329,19 @@ def test_exit_plan_only_for_what_it_runs():
         assert adept_engine(MODEL, pol, params, kv_map=False, kv="oracle").exit_plan is None
         assert Engine(MODEL, Saturation(Constant(0.5))).exit_plan is None
         assert Engine(MODEL, pol, exit_mapper=lambda k, h: h).exit_plan is None
+
+
+def test_import_shortens_openblas_thread_spin_unless_set():
+    """``import minadept`` sets OPENBLAS_THREAD_TIMEOUT=18 (OpenBLAS's workers sleep after about
+    2^18 cycles instead of 2^28, so after a prefill they do not take a core from the decode
+    steps) before NumPy loads OpenBLAS, and keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, minadept, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "18"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OPENBLAS_THREAD_TIMEOUT="25"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "25"

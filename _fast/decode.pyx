@@ -150,7 +150,7 @@ cdef class DecodePlan:
     cdef double eps, scale
     cdef public long split_min, attn_split_min
     cdef int n_threads
-    cdef const float* wte
+    cdef const void* wte                   # [V, C] rows: float32, or bit patterns of wkind
     cdef const float* wpe
     cdef const float* ln_f_g
     cdef const float* ln_f_b
@@ -184,7 +184,10 @@ cdef class DecodePlan:
             raise ValueError(f"DecodePlan: wdtype must be one of {', '.join(WEIGHT_KINDS)}, got {wdtype!r}")
         self.wkind = kind = WEIGHT_KINDS[wdtype]
         F = 4 * C
-        self.wte = _ptr(self.keep, wte, (V, C), "wte")
+        if kind == W_F32:
+            self.wte = _ptr(self.keep, wte, (V, C), "wte")
+        else:                                                      # rows [V, C]: _wptr's [out, in] of (C, V)
+            self.wte = _wptr(self.keep, wte, (C, V), "wte", kind)
         self.wpe = _ptr(self.keep, wpe, (self.n_positions, C), "wpe")
         self.ln_f_g = _ptr(self.keep, ln_f_g, (C,), "ln_f.weight")
         self.ln_f_b = _ptr(self.keep, ln_f_b, (C,), "ln_f.bias")
@@ -296,9 +299,18 @@ cdef class DecodePlan:
         """x [C] = wte[token] + wpe[pos] (twin of ``model.embed``)."""
         if not (0 <= token < self.vocab_size and 0 <= pos < self.n_positions) or x.shape[0] != self.n_embd:
             raise ValueError("DecodePlan.embed: token, position or buffer out of range")
+        self._embed(token, pos, &x[0])
+
+    cdef void _embed(self, Py_ssize_t token, Py_ssize_t pos, float* x) noexcept nogil:
+        """x [C] = wte[token] + wpe[pos], a half-precision row converted exactly first."""
         cdef Py_ssize_t j, C = self.n_embd
-        for j in range(C):
-            x[j] = self.wte[token * C + j] + self.wpe[pos * C + j]
+        if self.wkind == W_F32:
+            for j in range(C):
+                x[j] = (<const float*>self.wte)[token * C + j] + self.wpe[pos * C + j]
+        else:
+            mdt_half_run(<const uint16_t*>self.wte + token * C, x, C, self.wkind)
+            for j in range(C):
+                x[j] = x[j] + self.wpe[pos * C + j]
 
     def block(self, int l, float[::1] x, float[::1] x_prev, float[:, :, :, :, ::1] kv, Py_ssize_t pos):
         """Run block l+1 (0-based ``l``) for one token at ``pos``: copies x [C] into x_prev [C],
@@ -356,8 +368,7 @@ cdef class DecodePlan:
         cdef float* x = ep.x_p
         cdef float* xp = ep.xprev_p
         with nogil:
-            for l in range(C):
-                x[l] = self.wte[token * C + l] + self.wpe[pos * C + l]
+            self._embed(token, pos, x)
             for l in range(L):
                 memcpy(xp, x, C * sizeof(float))
                 self._block(l, x, kv_l[l], n_ctx, pos)

@@ -56,6 +56,8 @@ import warnings
 import minadept  # noqa: F401  (before NumPy loads OpenBLAS: its short thread spin, as in the CLI)
 import numpy as np
 
+#: The GGUF type of each minadept weight type (the llama.cpp side it is compared with).
+GGUF_TYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 #: (decode, prefill) minadept tok/s over transformers': the project's targets for the NumPy reference and
 #: the Cython backend.
 TARGETS = {"numpy": (1.6, 0.9), "fast": (2.0, 1.1)}
@@ -401,8 +403,10 @@ def report(args, P, N, R, sides, times, results, minadept_sides, backends, attn_
                      f"{q['ratio_decode']:.3f} [{q['ratio_decode_median']:.3f}] |")
     llama = [n for n in sides if n.startswith("llama.cpp ")]
     versus = {}
-    for name, _, dt in minadept_sides:
-        for ln in llama:
+    for name, _, dt in minadept_sides:          # over the llama.cpp side of the same type, and f16
+        for ln in dict.fromkeys([f"llama.cpp {GGUF_TYPE[dt]}", "llama.cpp f16"]):
+            if ln not in sides:
+                continue
             key = f"{name} / {ln}"
             versus[key] = {k: rate[name][k] / rate[ln][k] for k in
                            ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_median", "decode_tok_s_median")}

@@ -343,6 +343,18 @@ MUTANTS = [
       "compiled ADEPT step: no check at min_exit_layer", "fast"),
     m(FUS, "or engine.fill != \"eager\":", ":", ["test_fused.py"],
       "compiled ADEPT step used with lazy fill", "fast"),
+    # half precision (--dtype): rounding, storage layout, the tied head, the few-rows route
+    m("halfprec.py", "    r += np.uint32(0x7FFF)\n", "    r += np.uint32(0x8000)\n", ["test_dtype.py"],
+      "bfloat16 rounds ties up, not to even"),
+    m("halfprec.py", "    if not transposed:\n        bits = np.ascontiguousarray(bits.T).T\n", "",
+      ["test_dtype.py"], "block matrices kept [in, out], not the kernels' [out, in]", "fast"),
+    m("checkpoint.py", "    head = wte\n    if params.lm_head is not params.wte:", "    head = params.lm_head\n    if params.lm_head is not params.wte:",
+      ["test_dtype.py"], "with_dtype leaves the tied LM head float32", "fast"),
+    m("halfprec.py", "            if big > FLOAT16_MAX:", "            if big > 2 * FLOAT16_MAX:", ["test_dtype.py"],
+      "float16 range check lets 65504 < |x| <= 131008 through (to inf)"),
+    m("model.py", "        wte = p.wte.bits if isinstance(p.wte, halfprec.HalfMatrix) else p.wte",
+      "        wte = p.wte.float32() if isinstance(p.wte, halfprec.HalfMatrix) else p.wte", ["test_dtype.py"],
+      "decode plan gets a float32 upcast of a half wte", "fast"),
 ]
 for i, mu in enumerate(MUTANTS, 1):
     mu.id = i

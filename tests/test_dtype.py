@@ -177,8 +177,9 @@ TWINS = {dt: (MODEL.with_dtype(dt, keep_half=True), MODEL.with_dtype(dt, keep_ha
 @needs_fast
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_model_holds_its_matrices_in_half_precision(dtype):
-    """The four matrices of every block and the LM head (tied: a rounded copy; wte itself stays
-    float32) are HalfMatrix, read by the plan in place; everything else is float32."""
+    """The four matrices of every block and wte, which is also the (tied) LM head, are
+    HalfMatrix, read by the plan in place (wte's rows for the embedding, its [V, C] bits as the
+    head's [out, in]); everything else is float32."""
     half, twin = TWINS[dtype]
     for b, tb in zip(half.params.h, twin.params.h):
         for f in ("ln_1_g", "ln_1_b", "c_attn_b", "attn_c_proj_b", "ln_2_g", "ln_2_b", "c_fc_b", "mlp_c_proj_b"):
@@ -191,7 +192,10 @@ def test_half_model_holds_its_matrices_in_half_precision(dtype):
     head = half.lm_head_t
     assert isinstance(head, halfprec.HalfMatrix) and head.kernel_bits.flags.c_contiguous
     assert head.kernel_bits.shape == (half.config.vocab_size, half.config.n_embd)
-    assert half.params.wte is MODEL.params.wte and half.params.wte.dtype == np.float32
+    wte = half.params.wte
+    assert isinstance(wte, halfprec.HalfMatrix) and half.params.lm_head is wte
+    assert wte.bits.flags.c_contiguous and np.shares_memory(head.kernel_bits, wte.bits)
+    assert np.array_equal(np.asarray(wte), twin.params.wte) and half.params.wpe.dtype == np.float32
     assert np.array_equal(np.asarray(half.lm_head_t), twin.lm_head_t)
     assert half.decode_plan.wkind == halfprec.KINDS[dtype] and half.n_params == MODEL.n_params
 
@@ -418,7 +422,8 @@ def test_readme_adept_run_is_the_same_or_parts_at_a_near_tie(embedded, dtype):
 def test_fp16_checkpoint_loads_without_a_float32_copy(tmp_path, monkeypatch):
     """An fp16 safetensors checkpoint with --dtype float16 on the fast backend: the blocks'
     matrices hold the file's bit patterns unchanged, transposed once into the kernels' [out, in]
-    layout (a float16 copy, never float32), the LM head a float16 copy of wte."""
+    layout (a float16 copy, never float32); wte, the embedding and the tied LM head, is the
+    file's array itself."""
     from minadept import checkpoint
     from helpers import TINY
     write_checkpoint(tmp_path / "m", shape=TINY, variant="fp16", seed=2)
@@ -435,7 +440,9 @@ def test_fp16_checkpoint_loads_without_a_float32_copy(tmp_path, monkeypatch):
             m_ = getattr(b, field)
             assert src.dtype == np.float16 and m_.bits.dtype == np.uint16 and m_.kernel_bits.flags.c_contiguous
             assert np.array_equal(m_.bits, src.view(np.uint16))
-    assert m.lm_head_t.bits.dtype == np.uint16 and m.params.wte.dtype == np.float32
+    wte = m.params.wte                      # the embedding and the tied head: the file's array itself
+    assert isinstance(wte, halfprec.HalfMatrix) and np.shares_memory(wte.bits, t["wte.weight"])
+    assert m.lm_head_t.bits.dtype == np.uint16 and np.shares_memory(m.lm_head_t.kernel_bits, t["wte.weight"])
     assert np.array_equal(np.asarray(m.lm_head_t), t["wte.weight"].astype(np.float32).T)
 
 
@@ -464,7 +471,7 @@ def test_weights_beyond_float16_are_an_error_naming_the_tensor(too_big, be):
     big[3, 4] = 1e5
     from dataclasses import replace
     tied = M.Model(config=MODEL.config, params=replace(MODEL.params, wte=big, lm_head=big))
-    with pytest.raises(MinadeptError, match=r"wte\.weight \(the tied LM head\)"):
+    with pytest.raises(MinadeptError, match=r"tensor wte\.weight has values outside the float16 range"):
         tied.with_dtype("float16")
 
 
@@ -518,6 +525,10 @@ def test_dump_eval_and_info_record_the_dtype(tmp_path):
     r = run_cli("eval", "--text", text, "--dtype", "float16", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["dtype"] == "float16"
+    r = run_cli("eval", "--text", text, "--dtype", "bfloat16", "--sweep", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("dtype bfloat16 weights") and json.loads(lines[-1])["dtype"] == "bfloat16"
     r = run_cli("info", "--dtype", "float16")
     assert r.returncode == 0 and "half precision: float16 conversion" in r.stdout and "--dtype float16: dtype float16" in r.stdout
     if K is not None:

@@ -48,9 +48,10 @@ class Block:
 
 @dataclass(frozen=True)
 class Params:
-    """All GPT-2 weights, float32 C-contiguous. ``lm_head`` is ``wte`` itself when tied (a model in
-    half precision rounds its copy, ``Model.lm_head_t``); an untied ``lm_head`` and the blocks'
-    matrices may be ``halfprec.HalfMatrix`` (see ``load_params``)."""
+    """All GPT-2 weights, float32 C-contiguous. ``lm_head`` is ``wte`` itself when tied. In a
+    model loaded with a half-precision dtype, ``wte``, an untied ``lm_head`` and the blocks' four
+    matrices hold rounded values, as ``halfprec.HalfMatrix`` on the fast backend (see
+    ``load_params``)."""
     wte: np.ndarray               # [V, C]
     wpe: np.ndarray               # [n_positions, C]
     h: tuple                      # n_layer x Block
@@ -253,7 +254,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config, dtyp
     """
     C, V = config.n_embd, config.vocab_size
     half = None if halfprec.check_dtype(dtype) == "float32" else (dtype, keep_half)
-    wte = _take(tensors, "wte.weight", (V, C))
+    wte = _take(tensors, "wte.weight", (V, C), half, transposed=True)
     wpe = _take(tensors, "wpe.weight", (config.n_positions, C))
     blocks = []
     for i in range(config.n_layer):
@@ -272,9 +273,9 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: GPT2Config, dtyp
                   lm_head=_lm_head(tensors, config, wte, half))
 
 
-def _lm_head(tensors: dict, config: GPT2Config, wte: np.ndarray, half: tuple | None):
-    """``lm_head.weight`` [V, C], or ``wte`` itself when tied (not stored, or stored equal to it);
-    with ``half`` an untied head is rounded like the blocks' matrices, stored transposed."""
+def _lm_head(tensors: dict, config: GPT2Config, wte, half: tuple | None):
+    """``lm_head.weight`` [V, C], or ``wte`` itself when tied (not stored, or stored equal to the
+    checkpoint's ``wte.weight``); with ``half`` an untied head is rounded like ``wte``."""
     V, C = config.vocab_size, config.n_embd
     if "lm_head.weight" not in tensors:
         if config.tie_word_embeddings:
@@ -283,7 +284,7 @@ def _lm_head(tensors: dict, config: GPT2Config, wte: np.ndarray, half: tuple | N
     head = None
     if config.tie_word_embeddings:
         head = _take(tensors, "lm_head.weight", (V, C))
-        if np.array_equal(head, wte):
+        if np.array_equal(head, wte if half is None else _take(tensors, "wte.weight", (V, C))):
             return wte
     if half is None:
         return head if head is not None else _take(tensors, "lm_head.weight", (V, C))
@@ -291,17 +292,18 @@ def _lm_head(tensors: dict, config: GPT2Config, wte: np.ndarray, half: tuple | N
 
 
 def round_params(params: Params, dtype: str, keep_half: bool) -> Params:
-    """float32 ``params`` with the blocks' four matrices and an untied LM head rounded to the
-    half-precision ``dtype`` as ``load_params`` does (a tied head stays ``wte``: ``Model`` rounds
-    its copy). Raises MinadeptError naming a tensor beyond the type's range."""
+    """float32 ``params`` with ``wte``, the blocks' four matrices and an untied LM head rounded to
+    the half-precision ``dtype`` as ``load_params`` does (a tied head stays ``wte``). Raises
+    MinadeptError naming a tensor beyond the type's range."""
     from dataclasses import replace
     half = {field: suffix for suffix, (field, _) in _BLOCK_TENSORS.items() if field in halfprec.MATRIX_FIELDS}
     blocks = tuple(replace(b, **{f: halfprec.weight(f"h.{i}.{suffix}", np.asarray(getattr(b, f)), dtype, keep_half)
                                  for f, suffix in half.items()}) for i, b in enumerate(params.h))
-    head = params.lm_head
-    if head is not params.wte:
-        head = halfprec.weight("lm_head.weight", np.asarray(head), dtype, keep_half, transposed=True)
-    return replace(params, h=blocks, lm_head=head)
+    wte = halfprec.weight("wte.weight", np.asarray(params.wte), dtype, keep_half, transposed=True)
+    head = wte
+    if params.lm_head is not params.wte:
+        head = halfprec.weight("lm_head.weight", np.asarray(params.lm_head), dtype, keep_half, transposed=True)
+    return replace(params, wte=wte, h=blocks, lm_head=head)
 
 
 def load_params(model_dir: Path, config: GPT2Config, dtype: str = "float32", keep_half: bool = False) -> Params:

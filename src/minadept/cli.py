@@ -526,6 +526,8 @@ def _eval_sweep(args, settings, model, ids, n_bytes) -> int:
     shipped = (model.path / ADEPT_FILE).is_file()
     adept = load_adept(settings.adept or model.path, model.config) if settings.adept or shipped else None
     points = sweep_settings(model.config.n_layer, adept=adept is not None)
+    if model.dtype != "float32":
+        print(model.describe_dtype())
     print(SWEEP_HEADER)
     # progress over sweep points; disable=None: only on a terminal
     bar = tqdm(points, unit="pt", leave=False, disable=None, file=sys.stderr, desc="sweep")
@@ -547,7 +549,7 @@ def _eval_sweep(args, settings, model, ids, n_bytes) -> int:
         n = rows[0]["tokens"]
         plot_sweep(rows, args.plot, title=f"{model.path.name}: {Path(args.text).name}, {n} scored tokens")
     if args.json:
-        print(json.dumps({"sweep": rows}))
+        print(json.dumps({"sweep": rows, **model.dtype_info()}))
     return 0
 
 

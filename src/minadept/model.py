@@ -54,10 +54,7 @@ class Model:
         config = GPT2Config.from_json(path / "config.json")
         tok = Tokenizer.from_dir(path) if tokenizer else None
         params = load_params(path, config, dtype, keep_half=backend.kernels() is not None)
-        model = cls(config=config, params=params, tokenizer=tok, path=path, dtype=dtype)
-        if dtype != "float32":
-            _ = model.lm_head_t                 # the rounded LM head, checked now (not at the first token)
-        return model
+        return cls(config=config, params=params, tokenizer=tok, path=path, dtype=dtype)
 
     @property
     def n_params(self) -> int:
@@ -77,9 +74,7 @@ class Model:
             raise MinadeptError(f"with_dtype needs a float32 model, this one is {self.dtype}")
         keep = backend.kernels() is not None if keep_half is None else bool(keep_half)
         params = round_params(self.params, halfprec.check_dtype(dtype), keep) if dtype != "float32" else self.params
-        model = Model(config=self.config, params=params, tokenizer=self.tokenizer, path=self.path, dtype=dtype)
-        _ = model.lm_head_t
-        return model
+        return Model(config=self.config, params=params, tokenizer=self.tokenizer, path=self.path, dtype=dtype)
 
     @property
     def keeps_half(self) -> bool:
@@ -102,14 +97,10 @@ class Model:
     def lm_head_t(self):
         """``lm_head`` transposed, [C, V]: float32 C-contiguous, so ``x @ lm_head_t`` streams the
         weights in order (measured ~20% faster decode at 124M shapes than ``x @ lm_head.T``).
-        With a half-precision ``dtype`` the LM head is rounded to it (a tied head is a rounded
-        copy of ``wte``, which itself stays float32): on the fast backend a ``HalfMatrix`` whose
-        bits are stored [V, C], as its kernels read it (each logit's weights contiguous). Raises
-        MinadeptError for weights beyond the type's range."""
+        With a half-precision ``dtype`` it holds the rounded values (``load``; a tied head is
+        ``wte`` itself, rounded): on the fast backend a ``HalfMatrix`` whose bits are stored
+        [V, C], as its kernels read it (each logit's weights contiguous)."""
         head = self.params.lm_head
-        if head is self.params.wte and self.dtype != "float32":
-            head = halfprec.weight("wte.weight (the tied LM head)", head, self.dtype, self.keeps_half,
-                                   transposed=True)
         return head.T if isinstance(head, halfprec.HalfMatrix) else np.ascontiguousarray(head.T)
 
     @cached_property
@@ -128,7 +119,8 @@ class Model:
         # threads. A small model (the embedded one: 27 MB) runs from cache, where waking a second
         # thread costs more than it saves and its spinning slows the next prefill's BLAS.
         split = 1 << 19 if 4 * self.n_params > DECODE_SPLIT_MODEL_BYTES else 1 << 62
-        return D.DecodePlan(blocks, p.wte, p.wpe, p.ln_f_g, p.ln_f_b, bits(self.lm_head_t),
+        wte = p.wte.bits if isinstance(p.wte, halfprec.HalfMatrix) else p.wte         # rows [V, C]
+        return D.DecodePlan(blocks, wte, p.wpe, p.ln_f_g, p.ln_f_b, bits(self.lm_head_t),
                             self.config.n_head, self.config.layer_norm_epsilon, split,
                             wdtype=self.dtype if self.keeps_half else "float32")
 

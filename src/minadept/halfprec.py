@@ -2,17 +2,18 @@
 rounded, stored, checked and read back.
 
 ``Model.load(..., dtype="float16")`` rounds (to nearest, ties to even) the four matrices of every
-block (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) and the LM head (GPT-2's is
-tied to ``wte``; the embedding itself keeps its float32 values) to that type. Everything else stays
-float32: the token and position embeddings, layer norms, biases, attention and the KV cache, and
-ADEPT's exit and K/V maps.
+block (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) and ``wte``, which is both
+the token embedding and GPT-2's tied LM head (an untied ``lm_head`` is rounded too), to that type.
+Everything else stays float32: the position embeddings, layer norms, biases, attention and the KV
+cache, and ADEPT's exit and K/V maps.
 
 On the fast backend the rounded matrices stay in half precision in memory, as ``HalfMatrix``
-(the bit patterns as uint16: NumPy has no bfloat16), with no float32 copy: the fused decode step
-reads them directly, converting in registers and summing in float32, and prefill multiplies a few
-rows through the same kernel or upcasts one matrix at a time for a BLAS product. On the NumPy
-backend they are upcast once, at load: float32 arrays holding the rounded values, the same numbers
-computed in float32 (the reference the fast path is tested against).
+(the bit patterns as uint16: NumPy has no bfloat16), with no float32 copy, stored [out, in] as the
+kernels read them: the fused decode step reads them directly, converting in registers and summing
+in float32, the embedding converts one row of ``wte``, and prefill multiplies a few rows through
+the same kernel or upcasts one matrix at a time for a BLAS product. On the NumPy backend they are
+upcast once, at load: float32 arrays holding the rounded values, the same numbers computed in
+float32 (the reference the fast path is tested against).
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def describe(dtype: str, held: bool) -> str:
         return f"dtype {dtype} weights, computed in float32 on the NumPy backend"
     from . import backend
     conv = "a 16-bit shift" if dtype == "bfloat16" else f"{backend.half_conversion()} conversion"
-    return (f"dtype {dtype} weights (block matrices and LM head held in {dtype}, converted to float32 "
-            f"in registers by {conv}, sums in float32; embeddings, norms, biases, attention float32)")
+    return (f"dtype {dtype} weights (block matrices and wte, the token embedding and LM head, held in "
+            f"{dtype}, converted to float32 in registers by {conv}, sums in float32; position "
+            f"embeddings, norms, biases, attention float32)")
 
 
 def check_dtype(dtype) -> str:

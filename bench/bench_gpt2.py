@@ -56,6 +56,8 @@ import warnings
 import minadept  # noqa: F401  (before NumPy loads OpenBLAS: its short thread spin, as in the CLI)
 import numpy as np
 
+#: What llama-bench reported of itself (build commit and number, CPU, KV cache type), for the table.
+LLAMA_BUILD: dict = {}
 #: The GGUF type of each minadept weight type (the llama.cpp side it is compared with).
 GGUF_TYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 #: (decode, prefill) minadept tok/s over transformers': the project's targets for the NumPy reference and
@@ -194,7 +196,10 @@ def run_llama(binary: str, gguf: str, threads: int, P: int, N: int):
         r = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json", *flags],
                            capture_output=True, text=True)
         try:
-            rates.append(float(json.loads(r.stdout)[0]["avg_ts"]))
+            row = json.loads(r.stdout)[0]
+            rates.append(float(row["avg_ts"]))
+            LLAMA_BUILD.update(commit=row.get("build_commit"), build=row.get("build_number"),
+                               cpu=row.get("cpu_info"), type_k=row.get("type_k"), flash_attn=row.get("flash_attn"))
         except (ValueError, KeyError, IndexError):
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             sys.exit(f"error: llama-bench on {gguf} failed: {last}")
@@ -422,7 +427,7 @@ def report(args, P, N, R, sides, times, results, minadept_sides, backends, attn_
     summary = {
         "threads": args.threads, "prompt_tokens": P, "new_tokens": N, "repeats": R, "seed": args.seed,
         "statistic": "best", "attn_implementation": attn_impl, "minadept_backends": backends,
-        "dtypes": args.dtypes, "llama_bench": args.llama_bench,
+        "dtypes": args.dtypes, "llama_bench": args.llama_bench, "llama_cpp": LLAMA_BUILD,
         "versions": {"numpy": np.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__}, "blas": blas,
         "rates": rate, "per_backend": per, "agreement": agree, "versus_llama_cpp": versus,
@@ -432,7 +437,11 @@ def report(args, P, N, R, sides, times, results, minadept_sides, backends, attn_
             f.write(f"# GPT-2 124M shapes: minadept vs transformers"
                     f"{' vs llama.cpp' if llama else ''}\n\n`python bench/bench_gpt2.py "
                     f"{' '.join(sys.argv[1:])}`\n\n{args.threads} thread(s), seed {args.seed}, "
-                    f"{R} alternating rounds after a warm-up.\n\n" + "\n".join(lines) + "\n")
+                    f"{R} alternating rounds after a warm-up. numpy {np.__version__} ({'; '.join(blas)}), "
+                    f"torch {torch.__version__}, transformers {transformers.__version__}"
+                    + (f"; llama.cpp build {LLAMA_BUILD.get('build')} ({LLAMA_BUILD.get('commit')}), KV cache "
+                       f"{LLAMA_BUILD.get('type_k')}, CPU {LLAMA_BUILD.get('cpu')}" if llama else "")
+                    + ".\n\n" + "\n".join(lines) + "\n")
         with open(args.out + ".json", "w") as f:
             json.dump(summary, f, indent=1)
         print(f"wrote {args.out}.md and {args.out}.json")

@@ -125,7 +125,7 @@ def using(requested: str):
 #: Up to this many rows, a product with half-precision weights runs the half-precision kernel
 #: (``half_matmul``: the matrix read once, converted in registers); above, the matrix is upcast to
 #: float32 for one BLAS product. Measured at 124M shapes (48 block products, one thread): kernel
-#: 13 / 33 / 57 / 79 ms, upcast + BLAS 16 / 50 / 68 / 78 ms for 1 / 8 / 16 / 24 rows.
+#: 18 / 57 / 95 / 141 ms, upcast + BLAS 24 / 82 / 109 / 121 ms for 1 / 8 / 16 / 24 rows.
 HALF_KERNEL_MAX_ROWS = 16
 
 

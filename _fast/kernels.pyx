@@ -216,24 +216,36 @@ KIND_FLOAT16, KIND_BFLOAT16 = W_F16, W_BF16
 HALF_MAX_ROWS = HMAX_ROWS
 
 
-cdef int _kind(int kind) except -1:
+def _whole(name, v):
+    """``v`` as a Python int when it is an integer (int or NumPy integer, not bool), else TypeError:
+    a float is never truncated."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"half kernels: {name} must be an integer, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _kind(kind):
+    kind = _whole("kind", kind)
     if kind != W_F16 and kind != W_BF16:
         raise ValueError(f"half kernels: kind must be {W_F16} (float16) or {W_BF16} (bfloat16), got {kind}")
     return kind
 
 
-def half_gemv(const uint16_t[:, ::1] W, int kind, const float[::1] x, float[::1] y, float beta=0.0,
-              int threads=1, long split_min=0):
+def half_gemv(const uint16_t[:, ::1] W not None, kind, const float[::1] x not None, float[::1] y not None,
+              float beta=0.0, threads=1, long split_min=0):
     """In place: y [N] = W [N, K] @ x [K] + beta * y, i.e. ``x @ W.T``, W half-precision bit
     patterns (uint16, row-major [out, in]: each output's K weights contiguous; ``kind`` 1 float16,
     2 bfloat16), converted in registers, products and sums in float32 in half.h's order (the fused
     decode step's product). ``threads`` > 1 splits the outputs over that many OpenMP threads
     (whatever OMP_NUM_THREADS says) when W has at least ``split_min`` weights; the result is the
-    same. Twin: ``W.astype(float64) @ x``. Raises ValueError for mismatched lengths."""
+    same. Twin: ``W.astype(float64) @ x``. Raises ValueError for mismatched lengths or x and y
+    sharing memory, TypeError for a kind or thread count that is not an integer."""
     cdef Py_ssize_t N = W.shape[0], K = W.shape[1], j
-    _kind(kind)
+    cdef int kd = _kind(kind), nt = max(1, _whole("threads", threads))
     if x.shape[0] != K or y.shape[0] != N:
         raise ValueError(f"half_gemv: W is [{N}, {K}] ([out, in]), x has {x.shape[0]} values, y {y.shape[0]}")
+    if K and N and <const char*>&x[0] < <const char*>(&y[0] + N) and <const char*>&y[0] < <const char*>(&x[0] + K):
+        raise ValueError("half_gemv: x and y share memory (y is written while x is read)")
     if N == 0:
         return
     if K == 0:                                  # empty sums
@@ -241,10 +253,10 @@ def half_gemv(const uint16_t[:, ::1] W, int kind, const float[::1] x, float[::1]
             y[j] = 0.0 if beta == 0.0 else beta * y[j]
         return
     with nogil:
-        hgemv_par(&W[0, 0], kind, <int>K, <int>N, &x[0], &y[0], beta, split_min, max(1, threads))
+        hgemv_par(&W[0, 0], kd, <int>K, <int>N, &x[0], &y[0], beta, split_min, nt)
 
 
-def half_matmul(const float[:, ::1] X, const uint16_t[:, ::1] W, int kind, int threads=0,
+def half_matmul(const float[:, ::1] X not None, const uint16_t[:, ::1] W not None, kind, threads=0,
                 long split_min=1 << 19):
     """X [R, K] float32 @ W.T -> new [R, N] float32, W [N, K] half-precision bit patterns
     ([out, in]), for R <= HALF_MAX_ROWS: each row's sums bit-identical to ``half_gemv``'s (each
@@ -252,35 +264,39 @@ def half_matmul(const float[:, ::1] X, const uint16_t[:, ::1] W, int kind, int t
     short prefill, and a prompt's LM head, without an upcast copy of W). The outputs are split
     over ``threads`` OpenMP threads (0: as many as OpenMP may use now) when W has at least
     ``split_min`` weights. Raises ValueError for mismatched shapes or too many rows, MemoryError
-    when its scratch (threads x K floats) cannot be allocated."""
+    when its scratch (threads x K floats) cannot be allocated, TypeError for a kind or thread
+    count that is not an integer."""
     cdef Py_ssize_t R = X.shape[0], N = W.shape[0], K = W.shape[1]
-    cdef int rc
-    _kind(kind)
+    cdef int rc, kd = _kind(kind), th = _whole("threads", threads)
     if X.shape[1] != K or R > HMAX_ROWS:
         raise ValueError(f"half_matmul: X is [{R}, {X.shape[1]}] (at most {HMAX_ROWS} rows), W [{N}, {K}] ([out, in])")
     out_arr = np.zeros((R, N), dtype=np.float32)
     if R == 0 or N == 0 or K == 0:
         return out_arr
     cdef float[:, ::1] out = out_arr
-    cdef int nt = threads if threads > 0 else openmp.omp_get_max_threads()
+    cdef int nt = th if th > 0 else openmp.omp_get_max_threads()
     with nogil:
-        rc = hgemm_par(&W[0, 0], kind, K, N, &X[0, 0], R, &out[0, 0], split_min, nt)
+        rc = hgemm_par(&W[0, 0], kd, K, N, &X[0, 0], R, &out[0, 0], split_min, nt)
     if rc != 0:
         raise MemoryError("half_matmul: no memory for the converted weight rows")
     return out_arr
 
 
-def half_to_float32(bits_arr, int kind):
-    """Half-precision bit patterns (uint16, any shape, C-contiguous) -> new float32 array of the
-    same shape, exactly (the compiled-in float16 conversion, or the bfloat16 shift)."""
-    _kind(kind)
+def half_to_float32(bits_arr, kind):
+    """Half-precision bit patterns (a uint16 ndarray, any shape, C-contiguous) -> new float32 array
+    of the same shape, exactly for every non-NaN value (the compiled-in float16 conversion, or the
+    bfloat16 shift; F16C quiets a signalling NaN, which checked weights never hold). Raises
+    TypeError for anything but an ndarray, ValueError for another dtype or layout."""
+    cdef int kd = _kind(kind)
+    if not isinstance(bits_arr, np.ndarray):
+        raise TypeError(f"half_to_float32: need a uint16 ndarray, got {type(bits_arr).__name__}")
     cdef const uint16_t[::1] bits = bits_arr.reshape(-1)
     out_arr = np.empty(bits_arr.shape, dtype=np.float32)
     cdef float[::1] out = out_arr.reshape(-1)
     cdef Py_ssize_t n = bits.shape[0]
     if n:
         with nogil:
-            mdt_half_run(&bits[0], &out[0], n, kind)
+            mdt_half_run(&bits[0], &out[0], n, kd)
     return out_arr
 
 

@@ -56,6 +56,8 @@ import warnings
 import minadept  # noqa: F401  (before NumPy loads OpenBLAS: its short thread spin, as in the CLI)
 import numpy as np
 
+#: The output types llama.cpp's convert_hf_to_gguf.py takes (--outtype).
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0")
 #: What llama-bench reported of itself (build commit and number, CPU, KV cache type), for the table.
 LLAMA_BUILD: dict = {}
 #: The GGUF type of each minadept weight type (the llama.cpp side it is compared with).
@@ -89,12 +91,18 @@ def parse_args(argv=None):
     p.add_argument("--out", metavar="STEM", help="write STEM.md (the table) and STEM.json")
     a = p.parse_args(argv)
     from minadept.halfprec import DTYPES
-    a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    bad = [d for d in a.dtypes if d not in DTYPES]
-    if bad or not a.dtypes:
-        p.error(f"--dtypes: each must be one of {', '.join(DTYPES)}, got {a.dtypes}")
-    a.gguf = dict(parse_gguf(p, g) for g in a.gguf)
-    a.gguf_types = [t.strip() for t in a.gguf_types.split(",") if t.strip()]
+    a.dtypes = [d.strip() for d in a.dtypes.split(",")]
+    if any(d not in DTYPES for d in a.dtypes) or len(set(a.dtypes)) < len(a.dtypes):
+        p.error(f"--dtypes: a comma-separated list of distinct {', '.join(DTYPES)}, got {a.dtypes}")
+    if os.environ.get("MINADEPT_BACKEND", "auto").lower() == "numpy" and "float32" not in a.dtypes:
+        p.error("--dtypes float16/bfloat16 run on the fast backend only: add float32 or use MINADEPT_BACKEND=fast")
+    pairs = [parse_gguf(p, g) for g in a.gguf]
+    a.gguf = dict(pairs)
+    if len(a.gguf) < len(pairs):
+        p.error(f"--gguf: one file per type, got {[t for t, _ in pairs]}")
+    a.gguf_types = [t.strip() for t in a.gguf_types.split(",")]
+    if any(t not in GGUF_OUTTYPES for t in a.gguf_types) or len(set(a.gguf_types)) < len(a.gguf_types):
+        p.error(f"--gguf-types: a comma-separated list of distinct {', '.join(GGUF_OUTTYPES)}, got {a.gguf_types}")
     if (a.gguf or a.llama_convert) and not a.llama_bench:
         p.error("--gguf and --llama-convert need --llama-bench")
     if a.llama_bench and not (a.gguf or a.llama_convert):
@@ -309,6 +317,10 @@ def run_all(args, d: str, blas: list, P: int, N: int, R: int) -> int:
     picked = os.environ.get("MINADEPT_BACKEND", "auto").lower()
     backends = ["numpy", "fast"] if picked == "auto" and backend._load_fast() is not None else [backend.active()]
     minadept_sides = side_names(backends, args.dtypes)
+    if not minadept_sides:
+        sys.exit("error: --dtypes float16/bfloat16 run on the fast backend only; add float32 or use MINADEPT_BACKEND=fast")
+    if "fast" not in backends and args.dtypes != ["float32"]:
+        print("note: half-precision --dtypes run on the fast backend only; this run has the NumPy backend")
     engines = {dt: Engine(Model.load(d, tokenizer=False, dtype=dt)) for dt in {dt for _, _, dt in minadept_sides}}
     ggufs, gguf_checks = dict(args.gguf), {}
     if args.llama_convert:

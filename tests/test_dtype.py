@@ -142,6 +142,42 @@ def test_half_gemv_split_changes_no_bit(dtype, k, n, threads):
 
 
 @needs_fast
+def test_kernel_arguments_are_checked():
+    """A kind or thread count that is not an integer is a TypeError (never truncated: 2.7 is not
+    bfloat16), None is not an empty array, and y may not share memory with x (it is written
+    while x is read)."""
+    w = np.array([[0x3C00, 0x4000], [0x4200, 0x4400]], np.uint16)          # float16 1, 2, 3, 4
+    x, y = np.ones(2, np.float32), np.zeros(2, np.float32)
+    for bad in (2.7, 1.0, "1", True):
+        with pytest.raises(TypeError, match="kind must be an integer"):
+            K.half_gemv(w, bad, x, y)
+        with pytest.raises(TypeError, match="kind must be an integer"):
+            K.half_matmul(x[None], w, bad)
+    with pytest.raises(TypeError, match="threads must be an integer"):
+        K.half_gemv(w, 1, x, y, 0.0, 1.5)
+    with pytest.raises(TypeError):
+        K.half_gemv(None, 1, x, y)
+    with pytest.raises(TypeError):
+        K.half_to_float32([1, 2], 1)
+    xy = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        K.half_gemv(w, 1, xy, xy)
+    K.half_gemv(w, np.int64(1), x, y)
+    assert y.tolist() == [3.0, 7.0]
+
+
+@pytest.mark.parametrize("be", ["numpy", "fast"])
+def test_half_matrix_scalar_index_is_a_scalar(be):
+    """``m[i, j]`` of a HalfMatrix is the value as a float32 scalar on both backends."""
+    if be == "fast" and K is None:
+        pytest.skip("the compiled kernels are not built")
+    m = halfprec.HalfMatrix(np.array([[0x3C00, 0x4000]], np.uint16), "float16")
+    with on_backend(be):
+        v = m[0, 1]
+    assert np.ndim(v) == 0 and v == 2.0 and np.asarray(v).dtype == np.float32
+
+
+@needs_fast
 def test_conversions_are_exact_for_every_bit_pattern():
     """All 65536 patterns: the compiled float16 conversion equals NumPy's (NaN stays NaN; F16C
     quiets signalling NaNs, which finite weights never hold), the portable one (the path of a
@@ -298,9 +334,12 @@ def test_numpy_backend_upcasts_at_load():
     says so; ``with_dtype`` checks its input."""
     with on_backend("numpy"):
         m = MODEL.with_dtype("float16")
+        assert m.describe_dtype() == "dtype float16 weights, computed in float32 on the NumPy backend"
     assert not m.keeps_half and m.params.h[0].c_fc_w.dtype == np.float32
     assert np.array_equal(m.params.h[0].c_fc_w, MODEL.params.h[0].c_fc_w.astype(np.float16).astype(np.float32))
-    assert m.describe_dtype() == "dtype float16 weights, computed in float32 on the NumPy backend"
+    if K is not None:                   # the upcast twin run on the fast backend does not claim NumPy
+        with on_backend("fast"):
+            assert m.describe_dtype() == "dtype float16 weights, upcast to float32 at load (computed in float32)"
     assert m.dtype_info() == {"dtype": "float16", "weights_in_memory": "float32", "half_conversion": None}
     with pytest.raises(MinadeptError, match="float32 model"):
         m.with_dtype("bfloat16")

@@ -36,9 +36,11 @@ def describe(dtype: str, held: bool) -> str:
     backend) or upcast at load (the NumPy backend), for ``info`` and the run summaries."""
     if dtype == "float32":
         return "dtype float32 (every weight float32)"
-    if not held:
-        return f"dtype {dtype} weights, computed in float32 on the NumPy backend"
     from . import backend
+    if not held:
+        if backend.active() == "numpy":
+            return f"dtype {dtype} weights, computed in float32 on the NumPy backend"
+        return f"dtype {dtype} weights, upcast to float32 at load (computed in float32)"
     conv = "a 16-bit shift" if dtype == "bfloat16" else f"{backend.half_conversion()} conversion"
     return (f"dtype {dtype} weights (block matrices and wte, the token embedding and LM head, held in "
             f"{dtype}, converted to float32 in registers by {conv}, sums in float32; position "
@@ -113,6 +115,9 @@ def upcast(bits: np.ndarray, dtype: str) -> np.ndarray:
         if dtype == "float16":
             return bits.view(np.float16).astype(np.float32)
         return (bits.astype(np.uint32) << 16).view(np.float32)
+    bits = np.asarray(bits)
+    if bits.ndim == 0:                                  # one element (a scalar index): a NumPy scalar
+        return kern.half_to_float32(bits.reshape(1), KINDS[dtype])[0]
     if not bits.flags.c_contiguous and bits.T.flags.c_contiguous:
         return kern.half_to_float32(bits.T, KINDS[dtype]).T
     return kern.half_to_float32(np.ascontiguousarray(bits), KINDS[dtype])

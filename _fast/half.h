@@ -1,6 +1,7 @@
 /* Half-precision (IEEE float16 and bfloat16) to float32 conversion of runs of values, for the
  * half-precision weight kernels of common.pxi (the GEMV of the fused decode step, the upcast of a
- * matrix for prefill), and those kernels' dot product (mdt_dot_f32, mdt_dot_f16, mdt_dot_bf16). Both conversions are exact: every float16 and bfloat16 value is a float32.
+ * matrix for prefill), and those kernels' dot product (mdt_dot_f32, mdt_dot_f16, mdt_dot_bf16).
+ * Both conversions are exact: every float16 and bfloat16 value is a float32.
  *
  * float16: chosen at compile time. With F16C (x86; -march=native on a CPU that has it) the
  * hardware instruction vcvtph2ps, 16 values per instruction with AVX-512F, 8 with AVX; without it
@@ -89,8 +90,9 @@ static inline void mdt_half_run(const uint16_t* src, float* dst, ptrdiff_t n, in
  *   into lanes 0..15; lanes l, l+16, l+32, l+48 are added ((0 + 1) + (2 + 3)); the 16 results are
  *   reduced pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1); the last n % 16 products are added in order.
  * With AVX-512F and F16C the lanes are four zmm registers, with AVX2, F16C and FMA eight ymm
- * registers; the portable loop keeps them in an array that GCC vectorises, same order, products and sums as separate
- * operations unless the compiler contracts them to FMA (it does with -march=native). */
+ * registers (the two macro bodies below differ only in register width); the portable loop keeps
+ * them in an array that GCC vectorises, in the same order, a product and a sum fused where the
+ * CPU has FMA (MDT_MAC). */
 /* a + b c: one fused operation where the CPU has FMA (never contracted differently in different
  * kernels), else a product then a sum (nothing to contract). */
 #if defined(__FP_FAST_FMAF)

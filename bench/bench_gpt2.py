@@ -291,8 +291,8 @@ def main(argv=None) -> int:
     P, N, R = args.prompt_tokens, args.new_tokens, args.repeats
     if args.save_checkpoint:
         os.makedirs(args.save_checkpoint, exist_ok=True)
-        build_checkpoint(args.save_checkpoint, args.seed, args.attn)
-        make_convertible(args.save_checkpoint, 1024)
+        hf = build_checkpoint(args.save_checkpoint, args.seed, args.attn)
+        make_convertible(args.save_checkpoint, hf.config.n_positions)
         print(f"saved the seed-{args.seed} checkpoint with GPT-2's tokenizer files to {args.save_checkpoint}")
         return 0
     d = tempfile.mkdtemp(prefix="minadept-bench-")
@@ -321,7 +321,8 @@ def run_all(args, d: str, blas: list, P: int, N: int, R: int) -> int:
         sys.exit("error: --dtypes float16/bfloat16 run on the fast backend only; add float32 or use MINADEPT_BACKEND=fast")
     if "fast" not in backends and args.dtypes != ["float32"]:
         print("note: half-precision --dtypes run on the fast backend only; this run has the NumPy backend")
-    engines = {dt: Engine(Model.load(d, tokenizer=False, dtype=dt)) for dt in {dt for _, _, dt in minadept_sides}}
+    engines = {dt: Engine(Model.load(d, tokenizer=False, dtype=dt))
+               for dt in dict.fromkeys(dt for _, _, dt in minadept_sides)}
     ggufs, gguf_checks = dict(args.gguf), {}
     if args.llama_convert:
         make_convertible(d, hf.config.n_positions)
@@ -330,8 +331,7 @@ def run_all(args, d: str, blas: list, P: int, N: int, R: int) -> int:
         gguf_checks[t] = check_gguf(path, hf.transformer.wte.weight.detach().numpy())
     kv_name = cache_kwarg(hf)
     attn_impl = getattr(hf.config, "_attn_implementation", None)
-    m = engines["float32" if "float32" in engines else next(iter(engines))].model
-    prompt = np.random.default_rng(args.seed).integers(0, m.config.vocab_size, size=P, dtype=np.int64)
+    prompt = np.random.default_rng(args.seed).integers(0, hf.config.vocab_size, size=P, dtype=np.int64)
     prompt_t = torch.from_numpy(prompt).view(1, -1)
 
     print(f"GPT-2 124M-shaped random weights (seed {args.seed}), batch 1, "
